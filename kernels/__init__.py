@@ -1,0 +1,1 @@
+"""Triton kernels of lora_engine, installed as `lora_engine.kernels` (never as a top-level `kernels`)."""

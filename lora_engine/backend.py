@@ -1,0 +1,73 @@
+"""Which implementation an op runs: the pure-PyTorch reference or a Triton kernel.
+
+The setting comes from ``set_backend()`` if it was called, else from the environment variable
+``LORA_ENGINE_BACKEND`` (read each time an op runs), else ``"auto"``:
+
+- ``"auto"``: the Triton kernel for CUDA tensors when triton imports and the op has one; the reference otherwise.
+- ``"triton"``: the Triton kernel always. Where it cannot run, an error says why; never a silent fallback.
+- ``"reference"``: pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "LORA_ENGINE_BACKEND"
+
+_override: str | None = None
+
+
+def _checked(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The current setting: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    if _override is not None:
+        return _override
+    return _checked(os.environ.get(ENV_VAR, "auto").strip().lower(), ENV_VAR)
+
+
+def set_backend(name: str | None) -> None:
+    """Override ``LORA_ENGINE_BACKEND`` for this process; ``None`` goes back to the environment variable."""
+    global _override
+    _override = None if name is None else _checked(name, "set_backend")
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uses_triton(op_name: str, device: torch.device, has_kernel: bool) -> bool:
+    """Whether ``op_name`` on tensors of ``device`` runs its Triton kernel (True) or the reference (False).
+
+    ``has_kernel`` says whether a Triton kernel exists for this op. Raises ``RuntimeError`` when the
+    backend is ``"triton"`` and the kernel cannot run: no kernel for this op, triton not installed, or
+    CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    triton_installed = importlib.util.find_spec("triton") is not None
+    runnable = device.type == "cuda" or _triton_interpreted()
+    if backend == "auto":
+        return has_kernel and triton_installed and device.type == "cuda"
+    if not has_kernel:
+        raise RuntimeError(
+            f"{ENV_VAR}=triton, but op '{op_name}' has no Triton kernel yet; "
+            f"set {ENV_VAR}=auto or {ENV_VAR}=reference to use the PyTorch reference"
+        )
+    if not triton_installed:
+        raise RuntimeError(f"{ENV_VAR}=triton, but triton is not installed (pip install triton)")
+    if not runnable:
+        raise RuntimeError(
+            f"{ENV_VAR}=triton, but op '{op_name}' got {device.type} tensors: Triton runs on CUDA, "
+            "or on the CPU only under TRITON_INTERPRET=1"
+        )
+    return True

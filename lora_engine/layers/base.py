@@ -1,0 +1,196 @@
+"""What every LoRA wrapper shares: the adapter registry of one layer, activation, and merge / unmerge.
+
+A wrapper holds the frozen ``base_layer`` and, per adapter name, a pair of low-rank factors
+``A [r, in]`` and ``B [out, r]`` with ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rslora). Subclasses
+store the factors (as peft names them, so state-dict keys match peft's) and say how the delta ``s · B A``
+lines up with the base weight; merging and unmerging are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from lora_engine.ops.lora_merge import lora_delta, lora_merge
+
+
+class LoraLayer(nn.Module):
+    """Base of the LoRA wrappers: ``forward`` is the subclass's, the adapter bookkeeping is here."""
+
+    #: Names of the per-adapter containers (``ModuleDict`` / ``ParameterDict``) a subclass holds.
+    adapter_containers: tuple[str, ...] = ()
+    #: True when the base weight is stored ``[in, out]`` relative to ``B A`` (Conv1D, Embedding).
+    delta_is_transposed: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # ----------------------------------------------------------------- registry
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, so code that reads ``module.weight`` keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(
+        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, init_lora_weights
+    ) -> None:
+        """Create the factors of ``adapter_name`` on the base weight's device, in fp32 or the base dtype.
+
+        Factors are created in the base weight's dtype when it is floating point; ``PeftModel`` upcasts
+        half-precision adapters to fp32 afterwards (peft's ``autocast_adapter_dtype``).
+        """
+        if r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r} for adapter {adapter_name!r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout_p[adapter_name] = float(lora_dropout)
+        self._create_factors(adapter_name, r, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+
+    def _create_factors(self, adapter_name: str, r: int, init_lora_weights) -> None:
+        raise NotImplementedError
+
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, in], B [out, r])`` of ``adapter_name``."""
+        raise NotImplementedError
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [p for name in self.adapter_containers for p in self._container_entry(name, adapter_name)]
+
+    def _container_entry(self, container_name: str, adapter_name: str) -> list[nn.Parameter]:
+        container = getattr(self, container_name)
+        if adapter_name not in container:
+            return []
+        entry = container[adapter_name]
+        return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
+
+    def _move_adapter_to_base(self, adapter_name: str) -> None:
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        for param in self.adapter_parameters(adapter_name):
+            param.data = param.data.to(device=weight.device, dtype=dtype or param.dtype)
+
+    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
+        """Saved key suffix → in-memory key suffix of ``adapter_name``'s tensors (peft drops the adapter name)."""
+        raise NotImplementedError
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names``; they become trainable unless ``inference_mode``, all others frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(name in names and not inference_mode)
+        self.active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the adapters on (the active ones become trainable again) or off (all frozen)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            for name in self.adapter_names:
+                for param in self.adapter_parameters(name):
+                    param.requires_grad_(False)
+        self.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s factors and settings. The caller refuses merged adapters first."""
+        for container_name in self.adapter_containers:
+            getattr(self, container_name).pop(adapter_name, None)
+        for setting in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_dropout_p):
+            setting.pop(adapter_name, None)
+        if adapter_name in self.active_adapters:
+            remaining = [name for name in self.active_adapters if name != adapter_name]
+            self.active_adapters = remaining or self.adapter_names[:1]
+
+    # ----------------------------------------------------------------- merging
+    def _base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.data
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold ``s · B A`` of ``adapter_names`` (default: the active ones) into the base weight, in place.
+
+        Already merged adapters are skipped with a warning. With ``safe_merge`` the merged weight is checked
+        for NaN/Inf before any write; a broken adapter raises ``ValueError`` and the base stays untouched.
+        """
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of str, got the str {adapter_names!r}")
+        names = self.active_adapters if adapter_names is None else adapter_names
+        already = [name for name in names if name in self.merged_adapters]
+        if already:
+            warnings.warn(f"Already merged with {already}; merging only the rest.", stacklevel=2)
+        for name in names:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            lora_A, lora_B = self.lora_factors(name)
+            try:
+                lora_merge(
+                    self._base_weight(),
+                    lora_A,
+                    lora_B,
+                    self.scaling[name],
+                    fan_in_fan_out=self.delta_is_transposed,
+                    check_finite=safe_merge,
+                )
+            except FloatingPointError as err:
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name!r} seems to be broken: merging it "
+                    f"would put NaN or Inf into the base weight of {type(self.base_layer).__name__}; "
+                    "the base weight is untouched"
+                ) from err
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' deltas again, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            lora_A, lora_B = self.lora_factors(name)
+            lora_merge(
+                self._base_weight(),
+                lora_A,
+                lora_B,
+                self.scaling[name],
+                fan_in_fan_out=self.delta_is_transposed,
+                subtract=True,
+            )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s · B A`` of ``adapter_name``, shaped and typed like the base weight."""
+        lora_A, lora_B = self.lora_factors(adapter_name)
+        delta = lora_delta(lora_A, lora_B, self.scaling[adapter_name], self.delta_is_transposed)
+        return delta.to(self.base_layer.weight.dtype)
+
+    def _active_here(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.r]

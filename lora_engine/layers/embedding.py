@@ -1,0 +1,67 @@
+"""LoRA around an ``nn.Embedding``: ``y = E[x] + s · A[:, x]ᵀ Bᵀ``.
+
+``lora_embedding_A[a]`` is ``[r, num_embeddings]`` and ``lora_embedding_B[a]`` is ``[embedding_dim, r]``
+(``nn.Parameter`` entries, so state-dict keys match peft's). Embedding adapters never apply dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_engine.layers.base import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA wrapper of an ``nn.Embedding`` (including subclasses that scale their output by ``embed_scale``)."""
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+    delta_is_transposed = True  # B A is [dim, num_embeddings]; the weight is [num_embeddings, dim]
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create_factors(self, adapter_name: str, r: int, init_lora_weights) -> None:
+        lora_A = torch.randn(r, self.in_features)
+        lora_B = torch.randn(self.out_features, r)
+        if init_lora_weights is not False:  # peft: A = 0, B ~ N(0, 1), so the delta starts at zero
+            nn.init.zeros_(lora_A)
+            nn.init.normal_(lora_B)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(lora_A)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(lora_B)
+
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
+        if adapter_name not in self.lora_embedding_A:
+            return {}
+        return {f"lora_embedding_{f}": f"lora_embedding_{f}.{adapter_name}" for f in ("A", "B")}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Token ids ``x [...]`` → ``[..., embedding_dim]`` in the base layer's dtype."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = self._active_here()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not active:
+            return result
+        result_dtype = result.dtype
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        base = self.base_layer
+        for name in active:
+            lora_A, lora_B = self.lora_factors(name)
+            after_A = F.embedding(
+                x, lora_A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )
+            delta = (after_A @ lora_B.T) * self.scaling[name]
+            if isinstance(embed_scale, torch.Tensor):
+                delta = delta * embed_scale.to(delta.dtype)
+            result = result + delta
+        return result.to(result_dtype)

@@ -1,0 +1,86 @@
+"""``modules_to_save``: a fully trained copy of a module per adapter (a classifier head, an ``lm_head``).
+
+The wrapper keeps the frozen ``original_module`` and, per adapter, a trainable deep copy in
+``modules_to_save[adapter]``. The forward uses the active adapter's copy, or the original when adapters are
+disabled or none of this wrapper's copies is active. At most one of its copies can be active.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Holds ``original_module`` plus one trainable copy per adapter in ``modules_to_save``."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.add_adapter(adapter_name)
+
+    def add_adapter(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name`` (frozen until activated)."""
+        module_copy = copy.deepcopy(self.original_module)
+        module_copy.requires_grad_(False)
+        self.modules_to_save[adapter_name] = module_copy
+        self.original_module.requires_grad_(False)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate the copy of the one adapter among ``adapter_names`` that this wrapper holds."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        mine = [name for name in names if name in self.modules_to_save]
+        if len(mine) > 1:
+            raise ValueError(
+                f"modules_to_save can have only one active adapter, but {mine} were asked to be active"
+            )
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in mine and not inference_mode)
+        self.active_adapter = mine[0] if mine else None
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter([self.active_adapter] if self.active_adapter else [])
+        else:
+            for module in self.modules_to_save.values():
+                module.requires_grad_(False)
+        self.disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.modules_to_save.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
+        """Saved key suffix → in-memory key suffix: peft saves the copy under the original module's keys."""
+        if adapter_name not in self.modules_to_save:
+            return {}
+        copy_keys = self.modules_to_save[adapter_name].state_dict().keys()
+        return {key: f"modules_to_save.{adapter_name}.{key}" for key in copy_keys}
+
+    def active_module(self) -> nn.Module:
+        """The module the forward runs: the active adapter's copy, or the original."""
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Attributes of the wrapped module (``weight``, ``out_features``...) stay readable through the wrapper.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.original_module, name)

@@ -1,0 +1,70 @@
+"""The entry points that wrap or inject: ``get_peft_model`` and ``inject_adapter_in_model``."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from lora_engine.config import LoraConfig
+from lora_engine.layers.base import LoraLayer
+from lora_engine.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
+from lora_engine.tuner import LoraModel
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` (mutated in place) with a new LoRA adapter; the class follows ``peft_config.task_type``."""
+    if mixed:
+        raise ValueError("mixed=True (PeftMixedModel) is not supported by lora_engine")
+    if any(isinstance(module, LoraLayer) for module in model.modules()):
+        warnings.warn(
+            "The model already holds LoRA layers; get_peft_model on it again nests adapters. "
+            "Use PeftModel.add_adapter to add another adapter instead.",
+            stacklevel=2,
+        )
+    name_or_path = getattr(model, "name_or_path", None) or None
+    if peft_config.base_model_name_or_path not in (None, name_or_path):
+        warnings.warn(
+            f"peft_config.base_model_name_or_path was {peft_config.base_model_name_or_path!r}; "
+            f"setting it to the model's {name_or_path!r}",
+            stacklevel=2,
+        )
+    peft_config.base_model_name_or_path = name_or_path
+    if revision is not None:
+        peft_config.revision = revision
+    model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    return model_class(
+        model,
+        peft_config,
+        adapter_name=adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
+
+
+def inject_adapter_in_model(
+    peft_config: LoraConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict | None = None,
+) -> nn.Module:
+    """Put LoRA layers into ``model`` in place, without a ``PeftModel`` wrapper; returns ``model``.
+
+    State-dict keys then carry no ``base_model.model.`` prefix. With ``state_dict``, the targeted modules are
+    the ones its LoRA keys name (``<module>.lora_A.weight`` ...), as peft does.
+    """
+    if state_dict is not None:
+        targets = sorted({key.rsplit(".lora_", 1)[0] for key in state_dict if ".lora_" in key})
+        targets = [key.removeprefix("base_model.model.") for key in targets]
+        peft_config.target_modules = set(targets)
+    LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=True)
+    return model

@@ -1,0 +1,541 @@
+"""``PeftModel`` and its task classes: the user-facing wrapper, with peft 0.21.2's API and files.
+
+``PeftModel.base_model`` is a ``LoraModel`` and ``PeftModel.base_model.model`` the transformers model, so
+state-dict keys start with ``base_model.model.`` as in peft. ``PeftModel`` subclasses transformers'
+``PreTrainedModel`` only so that the stock ``Trainer`` treats it as a model of its own kind (calls our
+``save_pretrained``); it never runs ``PreTrainedModel.__init__``, and the attributes the Trainer and
+``generate`` read are taken from the wrapped model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
+from lora_engine.serialization import (
+    adapter_folder,
+    check_adapter_name,
+    get_peft_model_state_dict,
+    load_adapter_weights,
+    save_adapter_weights,
+    set_peft_model_state_dict,
+)
+from lora_engine.tuner import LoraModel
+
+
+class _FromWrappedModel:
+    """Read an attribute from the wrapped transformers model; ``PreTrainedModel``'s class default would
+    otherwise win over ``__getattr__`` forwarding."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return getattr(instance.get_base_model(), self.name)
+
+
+class PeftModel(PreTrainedModel):
+    """A transformers model with LoRA adapters; peft 0.21.2's ``PeftModel`` API.
+
+    Args:
+        model: the transformers model; **mutated in place** (targeted modules are replaced by LoRA wrappers).
+        peft_config: the ``LoraConfig`` of the first adapter.
+        adapter_name: its name (a plain folder name; ``"default"`` saves at the folder root).
+        autocast_adapter_dtype: keep fp16/bf16 adapters in fp32, as peft does.
+    """
+
+    # Modules a task head adds to ``modules_to_save`` (peft does the same per task class).
+    task_modules_to_save: tuple[str, ...] = ()
+
+    # Attributes the Trainer and generate read, which PreTrainedModel would otherwise answer for itself.
+    get_input_embeddings = _FromWrappedModel()
+    get_output_embeddings = _FromWrappedModel()
+    tie_weights = _FromWrappedModel()
+    gradient_checkpointing_enable = _FromWrappedModel()
+    gradient_checkpointing_disable = _FromWrappedModel()
+    activation_checkpointing_enable = _FromWrappedModel()
+    activation_checkpointing_disable = _FromWrappedModel()
+    enable_input_require_grads = _FromWrappedModel()
+    disable_input_require_grads = _FromWrappedModel()
+    is_gradient_checkpointing = _FromWrappedModel()
+    supports_gradient_checkpointing = _FromWrappedModel()
+    _no_split_modules = _FromWrappedModel()
+    main_input_name = _FromWrappedModel()
+    can_generate = _FromWrappedModel()
+    loss_function = _FromWrappedModel()
+    resize_token_embeddings = _FromWrappedModel()
+    get_encoder = _FromWrappedModel()
+    get_decoder = _FromWrappedModel()
+    _keep_in_fp32_modules = _FromWrappedModel()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)
+        _check_config(peft_config)
+        self._add_task_modules_to_save(peft_config)
+        name_or_path = getattr(model, "name_or_path", None) or None
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = name_or_path
+        self.peft_type = PeftType.LORA
+        self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+        self.config = getattr(model, "config", None)
+        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
+        if hasattr(self.config, "pretraining_tp"):
+            self.config.pretraining_tp = 1
+
+    @property
+    def base_model(self) -> LoraModel:  # PreTrainedModel's property would recurse
+        return self._modules["base_model"]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("_modules", "base_model"):
+                raise
+            return getattr(self.base_model, name)
+
+    def _add_task_modules_to_save(self, config: LoraConfig) -> None:
+        if not self.task_modules_to_save:
+            return
+        names = list(config.modules_to_save or [])
+        config.modules_to_save = names + [name for name in self.task_modules_to_save if name not in names]
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model, with its LoRA wrappers in place."""
+        return self.base_model.model
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter; it starts inactive and frozen (``set_adapter`` activates it)."""
+        _check_config(peft_config)
+        self._add_task_modules_to_save(peft_config)
+        self.base_model.inject_adapter(adapter_name, peft_config, autocast_adapter_dtype)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the one active adapter; it becomes trainable unless ``inference_mode``."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(
+                f"PeftModel.set_adapter takes one adapter name, got {adapter_name!r}; to activate several "
+                "adapters at once use model.base_model.set_adapter([...])"
+            )
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the model computes as the base model; on exit adapters are back."""
+        already_disabled = all(layer.disable_adapters for _, layer in self.base_model.named_adapter_wrappers())
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            if not already_disabled:
+                self.base_model.enable_adapter_layers()
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, counting each parameter once."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write each selected adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        ``default`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``. Every name is
+        checked before anything is written; each file is written atomically. ``state_dict=`` (passed by the
+        Trainer under DeepSpeed/FSDP) supplies the values. Only the main process writes.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file; it must be a folder")
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError(
+                "path_initial_model_for_weight_conversion is for PiSSA/OLoRA/CorDA adapters, which lora_engine "
+                "does not support yet"
+            )
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"selected_adapters {unknown} not found; available adapters: {sorted(self.peft_config)}"
+            )
+        folders = {name: adapter_folder(save_directory, name) for name in names}
+        if not is_main_process:
+            return
+        for name, folder in folders.items():
+            weights = get_peft_model_state_dict(
+                self,
+                state_dict=kwargs.get("state_dict"),
+                adapter_name=name,
+                save_embedding_layers=save_embedding_layers,
+            )
+            save_adapter_weights(weights, str(folder), safe_serialization=safe_serialization)
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or None
+            if config.task_type is None:
+                base_class = type(self.get_base_model())
+                config.auto_mapping = {
+                    "base_model_class": base_class.__name__,
+                    "parent_library": base_class.__module__,
+                }
+            config.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs,
+    ) -> PeftModel:
+        """Wrap ``model`` and load the adapter saved in the local folder ``model_id``.
+
+        The wrapper class follows the saved ``task_type`` when called on ``PeftModel``. With
+        ``is_trainable=False`` the adapter is frozen and the model put in eval mode.
+        """
+        check_adapter_name(adapter_name)
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config.inference_mode = not is_trainable
+        model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls) if cls is PeftModel else cls
+        peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model.load_adapter(
+            model_id,
+            adapter_name,
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            key_mapping=key_mapping,
+            **kwargs,
+        )
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs,
+    ):
+        """Load the adapter in folder ``model_id`` as ``adapter_name``; returns ``(missing, unexpected)`` keys.
+
+        A new name is added (inactive, like peft); an existing name only gets its weights reloaded.
+        """
+        check_adapter_name(adapter_name)
+        folder = Path(model_id) / kwargs["subfolder"] if kwargs.get("subfolder") else Path(model_id)
+        if adapter_name not in self.peft_config:
+            config = PeftConfig.from_pretrained(folder)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        if torch_device is None:
+            torch_device = next(self.parameters()).device
+        weights = load_adapter_weights(folder, device=torch_device)
+        if key_mapping:
+            weights = _apply_key_mapping(weights, key_mapping)
+        result = set_peft_model_state_dict(
+            self,
+            weights,
+            adapter_name=adapter_name,
+            ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
+        )
+        if result.missing_keys:
+            warnings.warn(
+                f"Found missing adapter keys while loading the checkpoint {str(folder)!r}: {result.missing_keys}",
+                stacklevel=2,
+            )
+        if result.unexpected_keys:
+            warnings.warn(
+                f"Keys in {str(folder)!r} that match no module of adapter {adapter_name!r}: "
+                f"{result.unexpected_keys}",
+                stacklevel=2,
+            )
+        if not is_trainable:
+            for _, wrapper in self.base_model.named_adapter_wrappers():
+                for param in wrapper.parameters():
+                    param.requires_grad_(False)
+            self.eval()
+        elif adapter_name in self.active_adapters:
+            self.base_model.set_adapter(self.base_model.active_adapter)
+        return result
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args, **kwargs):
+        return self.get_base_model()(*args, **_without_peft_kwargs(kwargs))
+
+    def generate(self, *args, **kwargs):
+        return self.get_base_model().generate(*args, **_without_peft_kwargs(kwargs))
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora_engine supports LoraConfig adapters only, got {type(config).__name__}")
+
+
+def _without_peft_kwargs(kwargs: dict) -> dict:
+    if kwargs.get("adapter_names") is not None:
+        raise NotImplementedError("adapter_names= (mixed-adapter batches) is not supported yet by lora_engine")
+    kwargs.pop("adapter_names", None)
+    return {key: value for key, value in kwargs.items() if key != "task_ids"}
+
+
+def _apply_key_mapping(weights: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """peft's ``key_mapping``: regex renames applied to keys without the ``base_model.model.`` prefix."""
+    import re
+
+    prefix = "base_model.model."
+    renamed = {}
+    for key, value in weights.items():
+        bare = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            bare, count = re.subn(pattern, replacement, bare)
+            if count:
+                break
+        renamed[prefix + bare] = value
+    return renamed
+
+
+class PeftModelForCausalLM(PeftModel):
+    """``PeftModel`` for causal language models."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """``PeftModel`` for sequence classification; the ``classifier``/``score`` head is trained and saved."""
+
+    task_modules_to_save = ("classifier", "score")
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """``PeftModel`` for token classification; the ``classifier``/``score`` head is trained and saved."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """``PeftModel`` for extractive question answering; the ``qa_outputs`` head is trained and saved."""
+
+    task_modules_to_save = ("qa_outputs",)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            start_positions=start_positions,
+            end_positions=end_positions,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """``PeftModel`` for encoder-decoder language models."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        decoder_inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """``PeftModel`` for models that return hidden states (embeddings)."""
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | str | None, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}

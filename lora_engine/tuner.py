@@ -1,0 +1,313 @@
+"""``LoraModel``: puts LoRA wrappers into a model and runs the adapter registry across all of them.
+
+The transformers model is mutated in place: each targeted module is replaced by a wrapper from ``layers/``
+that holds the original as ``base_layer``; ``modules_to_save`` become ``ModulesToSaveWrapper``. Every
+model-wide operation (activate, disable, delete, merge, unload) is a loop over those wrappers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lora_engine.config import LoraConfig
+from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.dense import LoraLinear
+from lora_engine.layers.embedding import LoraEmbedding
+from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.serialization import check_adapter_name
+from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
+
+AdapterWrapper = LoraLayer | ModulesToSaveWrapper
+
+
+def _wrap(module_name: str, module: nn.Module) -> LoraLayer:
+    if isinstance(module, nn.Linear | Conv1D):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    raise ValueError(
+        f"Target module {module_name!r} is a {type(module).__name__}; lora_engine supports LoRA on "
+        "torch.nn.Linear, transformers Conv1D and torch.nn.Embedding"
+    )
+
+
+def _replace(model: nn.Module, module_name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)
+
+
+class LoraModel(nn.Module):
+    """Holds the mutated transformers ``model`` and the ``peft_config`` of every adapter in it.
+
+    ``model.peft_config`` is the same dict object as ``self.peft_config``.
+    """
+
+    prefix = "lora_"
+
+    def __init__(
+        self, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(adapter_name, config, autocast_adapter_dtype)
+        self.model.peft_config = self.peft_config
+
+    # ------------------------------------------------------------------ wrappers
+    def named_adapter_wrappers(self) -> Iterator[tuple[str, AdapterWrapper]]:
+        """``(module name in self.model, wrapper)`` for every LoRA layer and modules_to_save wrapper."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer | ModulesToSaveWrapper):
+                yield name, module
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, module in self.named_adapter_wrappers():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    # ------------------------------------------------------------------ injection
+    def inject_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Add adapter ``adapter_name`` to every module ``config`` targets; new adapters start inactive.
+
+        On any error the model is left as it was before the call.
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name or delete it first")
+        existing = [name for name, _ in self.named_adapter_wrappers()]
+        self.peft_config[adapter_name] = config
+        created: list[tuple[str, nn.Module]] = []
+        try:
+            self._add_modules_to_save(adapter_name, config, created)
+            existing = [name for name, _ in self.named_adapter_wrappers()]
+            for module_name in find_targets(self.model, config, skip_within=existing):
+                self._add_lora(module_name, adapter_name, config, created)
+        except Exception:
+            self._roll_back(adapter_name, created)
+            raise
+        if autocast_adapter_dtype:
+            self._upcast_adapter(adapter_name)
+        self._refresh_trainable()
+
+    def _add_lora(self, module_name: str, adapter_name: str, config: LoraConfig, created: list) -> None:
+        module = self.model.get_submodule(module_name)
+        if isinstance(module, ModulesToSaveWrapper):
+            return
+        if not isinstance(module, LoraLayer):
+            module = _wrap(module_name, module)
+            _replace(self.model, module_name, module)
+            created.append((module_name, module))
+        self._check_fan_in_fan_out(module_name, module, config)
+        r, lora_alpha = rank_and_alpha(module_name, config)
+        module.add_adapter(
+            adapter_name, r, lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
+        )
+
+    @staticmethod
+    def _check_fan_in_fan_out(module_name: str, module: LoraLayer, config: LoraConfig) -> None:
+        # peft corrects a wrong fan_in_fan_out for the module kind, with a warning, and so do we.
+        if isinstance(module, LoraLinear) and module.fan_in_fan_out != config.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {module_name!r} "
+                f"({type(module.base_layer).__name__}); setting fan_in_fan_out={module.fan_in_fan_out}",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = module.fan_in_fan_out
+
+    def _add_modules_to_save(self, adapter_name: str, config: LoraConfig, created: list) -> None:
+        if not config.modules_to_save:
+            return
+        for module_name, module in list(self.model.named_modules()):
+            if not module_name or not is_module_to_save(module_name, config.modules_to_save):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+            elif not any(module_name.startswith(f"{name}.") for name, _ in created):
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                _replace(self.model, module_name, wrapper)
+                created.append((module_name, wrapper))
+
+    def _roll_back(self, adapter_name: str, created: list[tuple[str, nn.Module]]) -> None:
+        for module_name, wrapper in reversed(created):
+            original = wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module
+            _replace(self.model, module_name, original)
+        for _, wrapper in self.named_adapter_wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+
+    def _upcast_adapter(self, adapter_name: str) -> None:
+        """peft's ``autocast_adapter_dtype``: fp16/bf16 LoRA factors are kept in fp32."""
+        for _, layer in self.lora_layers():
+            for param in layer.adapter_parameters(adapter_name):
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+
+    def _refresh_trainable(self, inference_mode: bool | None = None) -> None:
+        """Only the active adapters (and the biases their ``bias`` setting names) require grad."""
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        active = [name for name in self.active_adapters if name in self.peft_config]
+        if inference_mode is None:
+            inference_mode = any(self.peft_config[name].inference_mode for name in active)
+        for _, wrapper in self.named_adapter_wrappers():
+            wrapper.set_adapter(active, inference_mode=inference_mode)
+        if inference_mode:
+            return
+        for name in active:
+            bias = self.peft_config[name].bias
+            if bias == "all":
+                for param_name, param in self.model.named_parameters():
+                    if param_name == "bias" or param_name.endswith(".bias"):
+                        param.requires_grad_(True)
+            elif bias == "lora_only":
+                for _, layer in self.lora_layers():
+                    if name in layer.r and getattr(layer.base_layer, "bias", None) is not None:
+                        layer.base_layer.bias.requires_grad_(True)
+
+    # ------------------------------------------------------------------ registry
+    def _check_known(self, adapter_names: list[str]) -> None:
+        unknown = [name for name in adapter_names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; available adapters: {sorted(self.peft_config)}")
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or several (their outputs add up); active adapters become trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known(names)
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                layer.unmerge()
+        self.active_adapter = adapter_name
+        self._refresh_trainable(inference_mode)
+
+    def enable_adapter_layers(self) -> None:
+        for _, wrapper in self.named_adapter_wrappers():
+            wrapper.enable_adapters(True)
+        self._refresh_trainable()
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            if self.peft_config[name].bias != "none":
+                warnings.warn(
+                    f"Adapter {name!r} trains biases (bias={self.peft_config[name].bias!r}): with adapters "
+                    "disabled the output still differs from the base model's"
+                )
+        for _, wrapper in self.named_adapter_wrappers():
+            wrapper.enable_adapters(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` everywhere. Refused while it is merged; a new active adapter is chosen."""
+        self._check_known([adapter_name])
+        merged_in = [name for name, layer in self.lora_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into {merged_in[0]!r} (and {len(merged_in) - 1} more "
+                "modules); unmerge it before deleting it"
+            )
+        for _, wrapper in self.named_adapter_wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        for module_name, wrapper in list(self.named_adapter_wrappers()):
+            if not wrapper.adapter_names:
+                original = wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module
+                _replace(self.model, module_name, original)
+        remaining_active = [name for name in self.active_adapters if name != adapter_name]
+        if remaining_active == self.active_adapters:
+            return
+        new_active = remaining_active or sorted(self.peft_config)[:1]
+        if new_active:
+            warnings.warn(f"Deleted the active adapter {adapter_name!r}; the active adapter is now {new_active}")
+        self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
+        self._refresh_trainable()
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold ``adapter_names`` (default: the active ones) into the base weights; they stay unmergeable."""
+        if adapter_names is not None:
+            self._check_known(list(adapter_names))
+        for module_name, layer in self.lora_layers():
+            try:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            except ValueError as err:
+                raise ValueError(f"{module_name}: {err}") from err
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge, then put every base layer back in place of its wrapper; returns the transformers model.
+
+        With ``safe_merge`` a broken adapter raises before any layer is replaced or any weight is changed.
+        """
+        if safe_merge:
+            self._check_finite_merge(adapter_names)
+        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Put every base layer back, without merging; returns the transformers model."""
+        return self._unload(merge=False)
+
+    def _check_finite_merge(self, adapter_names: list[str] | None) -> None:
+        for module_name, layer in self.lora_layers():
+            for name in adapter_names or layer.active_adapters:
+                if name in layer.r and name not in layer.merged_adapters:
+                    merged = layer.base_layer.weight.detach() + layer.get_delta_weight(name)
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {name!r} seems to be broken: "
+                            f"merging it into {module_name!r} gives NaN or Inf; nothing was merged"
+                        )
+
+    def _unload(
+        self,
+        merge: bool,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        wrappers = list(self.named_adapter_wrappers())
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            wrappers = tqdm(wrappers, desc="Unloading and merging model" if merge else "Unloading model")
+        for module_name, wrapper in wrappers:
+            if isinstance(wrapper, ModulesToSaveWrapper):
+                _replace(self.model, module_name, wrapper.active_module())
+                continue
+            if merge:
+                try:
+                    wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                except ValueError as err:
+                    raise ValueError(f"{module_name}: {err}") from err
+            _replace(self.model, module_name, wrapper.base_layer)
+        if "peft_config" in self.model.__dict__:
+            del self.model.peft_config
+        return self.model
+
+    # ------------------------------------------------------------------ forwarding
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
