@@ -95,7 +95,7 @@ class PeftModel(PreTrainedModel):
         self.peft_type = PeftType.LORA
         self.base_model = LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype)
         self.config = getattr(model, "config", None)
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
         if hasattr(self.config, "pretraining_tp"):
             self.config.pretraining_tp = 1
@@ -352,6 +352,13 @@ class PeftModel(PreTrainedModel):
 
     def generate(self, *args, **kwargs):
         return self.get_base_model().generate(*args, **_without_peft_kwargs(kwargs))
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing.
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def _check_config(config) -> None:

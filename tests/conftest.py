@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny transformers models built from configs (never downloaded), with fixed weights per seed.
+
+The same seed gives the same weights, so that a peft model and a lora_engine model can be built from identical
+bases and compared tensor for tensor.
+"""
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB_SIZE = 128
+
+
+def tiny_llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
+def tiny_gpt2_config() -> GPT2Config:
+    return GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=64)
+
+
+def tiny_bert_config() -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+
+
+def _factory(model_class, make_config):
+    """A function `make(seed=0, dtype=torch.float32)` building a fresh model in eval mode, weights fixed by seed."""
+
+    def make(seed: int = 0, dtype: torch.dtype = torch.float32):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_class(make_config())
+        return model.to(dtype).eval()
+
+    return make
+
+
+@pytest.fixture
+def llama_factory():
+    return _factory(LlamaForCausalLM, tiny_llama_config)
+
+
+@pytest.fixture
+def gpt2_factory():
+    return _factory(GPT2LMHeadModel, tiny_gpt2_config)
+
+
+@pytest.fixture
+def bert_cls_factory():
+    return _factory(BertForSequenceClassification, tiny_bert_config)
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def copy_lora_weights(src_peft_model, dst_model) -> None:
+    """Copy every tensor of a peft model (adapters included) into ours; the in-memory keys are identical."""
+    dst_model.load_state_dict(src_peft_model.state_dict(), strict=True)

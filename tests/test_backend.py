@@ -1,0 +1,87 @@
+"""LORA_ENGINE_BACKEND: the setting, its validation, and never a silent fallback."""
+
+import pytest
+import torch
+
+import lora_engine
+from lora_engine import backend
+from lora_engine.ops.lora_linear import lora_linear
+from lora_engine.ops.lora_merge import lora_merge
+
+
+@pytest.fixture(autouse=True)
+def _no_override():
+    backend.set_backend(None)
+    yield
+    backend.set_backend(None)
+
+
+def test_default_backend_is_auto(monkeypatch):
+    monkeypatch.delenv("LORA_ENGINE_BACKEND", raising=False)
+    assert lora_engine.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", ["auto", "triton", "reference"])
+def test_environment_variable_sets_the_backend(monkeypatch, name):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", name)
+    assert lora_engine.get_backend() == name
+
+
+def test_set_backend_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
+    lora_engine.set_backend("reference")
+    assert lora_engine.get_backend() == "reference"
+    lora_engine.set_backend(None)
+    assert lora_engine.get_backend() == "triton"
+
+
+def test_unknown_backend_in_environment_names_the_value(monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="LORA_ENGINE_BACKEND='cuda-magic'"):
+        lora_engine.get_backend()
+
+
+def test_unknown_backend_in_set_backend_names_the_value():
+    with pytest.raises(ValueError, match="'fast'"):
+        lora_engine.set_backend("fast")
+
+
+def _linear_args():
+    x = torch.randn(3, 5)
+    return x, torch.randn(4, 5), None, torch.randn(2, 5), torch.randn(4, 2), 0.5
+
+
+def test_auto_on_cpu_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "auto")
+    x, weight, bias, lora_A, lora_B, scaling = _linear_args()
+    out = lora_linear(x, weight, bias, lora_A, lora_B, scaling)
+    torch.testing.assert_close(out, x @ weight.T + scaling * (x @ lora_A.T) @ lora_B.T)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_triton_without_a_kernel_raises_naming_the_op(monkeypatch, interpret):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(RuntimeError, match="'lora_linear' has no Triton kernel"):
+        lora_linear(*_linear_args())
+    weight, lora_A, lora_B = torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="'lora_merge' has no Triton kernel"):
+        lora_merge(weight, lora_A, lora_B, 1.0)
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend.uses_triton("some_op", torch.device("cpu"), has_kernel=True)
+
+
+def test_triton_with_the_interpreter_runs_an_existing_kernel(monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.uses_triton("some_op", torch.device("cpu"), has_kernel=True)
+
+
+def test_reference_never_uses_triton(monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "reference")
+    assert not backend.uses_triton("some_op", torch.device("cpu"), has_kernel=True)

@@ -1,0 +1,181 @@
+"""The reference ops against the plain formulas they implement: forward, every gradient, dropout, merge."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_engine.ops.lora_linear import lora_linear
+from lora_engine.ops.lora_merge import lora_merge
+from lora_engine.reference.lora_linear import LoraLinearFunction, dropout_keep_mask
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def _operands(dtype, leading=(2, 3), in_features=7, out_features=5, rank=3, bias=True):
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+
+    x = rand(*leading, in_features)
+    weight = rand(out_features, in_features).detach()  # frozen
+    bias_ = rand(out_features) if bias else None
+    return x, weight, bias_, rand(rank, in_features, dtype=torch.float32), rand(out_features, rank, dtype=torch.float32)
+
+
+def _plain(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
+    """peft's computation: base(x) + B(A(dropout(x))) * s, summed in promoted dtype, cast back."""
+    base = F.linear(x, weight, bias)
+    x_lora = x.to(lora_A.dtype)
+    if keep is not None:
+        x_lora = x_lora * keep / (1 - p)
+    return (base + (x_lora @ lora_A.T) @ lora_B.T * scaling).to(base.dtype)
+
+
+def _grads(out, tensors):
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    return torch.autograd.grad(out, [t for t in tensors if t is not None and t.requires_grad], grad_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_forward_and_gradients_match_the_formula(dtype, bias):
+    x, weight, bias_, lora_A, lora_B = _operands(dtype, bias=bias)
+    ours = lora_linear(x, weight, bias_, lora_A, lora_B, 0.7)
+    plain = _plain(x, weight, bias_, lora_A, lora_B, 0.7)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, plain, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    for got, want in zip(_grads(ours, [x, bias_, lora_A, lora_B]), _grads(plain, [x, bias_, lora_A, lora_B])):
+        torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_lora_linear_takes_non_contiguous_input():
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32, leading=(3, 4))
+    x_t = x.detach().transpose(0, 1).requires_grad_()  # [4, 3, in], non-contiguous
+    assert not x_t.is_contiguous()
+    ours, plain = lora_linear(x_t, weight, bias, lora_A, lora_B, 2.0), _plain(x_t, weight, bias, lora_A, lora_B, 2.0)
+    torch.testing.assert_close(ours, plain)
+    for got, want in zip(_grads(ours, [x_t, lora_A, lora_B]), _grads(plain, [x_t, lora_A, lora_B])):
+        torch.testing.assert_close(got, want)
+
+
+def test_lora_linear_fan_in_fan_out_weight_is_in_out():
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32)
+    weight_in_out = weight.T.contiguous().requires_grad_()
+    ours = lora_linear(x, weight_in_out, bias, lora_A, lora_B, 1.5, fan_in_fan_out=True)
+    plain = _plain(x, weight_in_out.T, bias, lora_A, lora_B, 1.5)
+    torch.testing.assert_close(ours, plain)
+    for got, want in zip(
+        _grads(ours, [x, weight_in_out, lora_A, lora_B]), _grads(plain, [x, weight_in_out, lora_A, lora_B])
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_lora_linear_without_weight_returns_only_the_low_rank_term():
+    x, _, _, lora_A, lora_B = _operands(torch.float32)
+    torch.testing.assert_close(lora_linear(x, None, None, lora_A, lora_B, 3.0), (x @ lora_A.T) @ lora_B.T * 3.0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_gradients_match_the_formula_fed_the_same_mask(p):
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32)
+    seed = 1234
+    ours = LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, 0.5, p, seed, False)
+    keep = dropout_keep_mask(x.shape, p, seed, x.device)
+    plain = _plain(x, weight, bias, lora_A, lora_B, 0.5, keep=keep, p=p)
+    torch.testing.assert_close(ours, plain)
+    for got, want in zip(_grads(ours, [x, bias, lora_A, lora_B]), _grads(plain, [x, bias, lora_A, lora_B])):
+        torch.testing.assert_close(got, want)
+
+
+def test_dropout_passes_gradcheck_in_double():
+    x, weight, bias, lora_A, lora_B = (
+        t.detach().double().requires_grad_(t.requires_grad) for t in _operands(torch.float32, leading=(4,))
+    )
+    lora_A.requires_grad_(), lora_B.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *args: LoraLinearFunction.apply(*args, 0.8, 0.3, 99, False), (x, weight, bias, lora_A, lora_B)
+    )
+
+
+def test_dropout_drops_at_the_requested_rate_and_rescales():
+    x = torch.ones(200, 500)
+    lora_A, lora_B = torch.eye(500)[:500], torch.eye(500)  # the low-rank path is the identity
+    out = lora_linear(x, None, None, lora_A, lora_B, 1.0, dropout_p=0.25)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 0.01
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / 0.75))
+
+
+def test_dropout_masks_differ_between_calls():
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32)
+    first = lora_linear(x, weight, bias, lora_A, lora_B, 1.0, dropout_p=0.5)
+    second = lora_linear(x, weight, bias, lora_A, lora_B, 1.0, dropout_p=0.5)
+    assert not torch.equal(first, second)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while running ``fn``."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+def test_dropout_saves_no_dropped_copy_of_the_input():
+    tokens, in_features, out_features, rank = 256, 128, 128, 4
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    weight = torch.randn(out_features, in_features)
+    lora_A = torch.randn(rank, in_features, requires_grad=True)
+    lora_B = torch.randn(out_features, rank, requires_grad=True)
+    ours = _saved_bytes(lambda: lora_linear(x, weight, None, lora_A, lora_B, 1.0, dropout_p=0.1))
+    peft_like = _saved_bytes(
+        lambda: F.linear(x, weight) + F.linear(F.linear(F.dropout(x, 0.1), lora_A), lora_B)
+    )
+    x_bytes = x.numel() * 4
+    small = (weight.numel() + lora_A.numel() + lora_B.numel() + tokens * rank) * 4
+    assert ours <= x_bytes + small
+    assert peft_like >= 2 * x_bytes
+
+
+def test_merge_adds_and_unmerge_subtracts_the_scaled_delta():
+    weight = torch.randn(5, 7)
+    original = weight.clone()
+    lora_A, lora_B = torch.randn(3, 7), torch.randn(5, 3)
+    lora_merge(weight, lora_A, lora_B, 0.5)
+    torch.testing.assert_close(weight, original + 0.5 * lora_B @ lora_A)
+    lora_merge(weight, lora_A, lora_B, 0.5, subtract=True)
+    torch.testing.assert_close(weight, original)
+
+
+def test_merge_with_fan_in_fan_out_adds_the_transposed_delta():
+    weight = torch.randn(7, 5)  # [in, out]
+    original = weight.clone()
+    lora_A, lora_B = torch.randn(3, 7), torch.randn(5, 3)
+    lora_merge(weight, lora_A, lora_B, 2.0, fan_in_fan_out=True)
+    torch.testing.assert_close(weight, original + 2.0 * (lora_B @ lora_A).T)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_computes_the_delta_in_fp32_and_adds_it_in_the_weight_dtype(dtype):
+    weight = torch.randn(5, 7).to(dtype)
+    original = weight.clone()
+    lora_A, lora_B = torch.randn(3, 7), torch.randn(5, 3)
+    lora_merge(weight, lora_A, lora_B, 1.0)
+    assert weight.dtype == dtype
+    torch.testing.assert_close(weight, original + (lora_B @ lora_A).to(dtype))
+
+
+def test_checked_merge_refuses_nan_and_leaves_the_weight_untouched():
+    weight = torch.randn(5, 7)
+    original = weight.clone()
+    lora_A, lora_B = torch.randn(3, 7), torch.randn(5, 3)
+    lora_B[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        lora_merge(weight, lora_A, lora_B, 1.0, check_finite=True)
+    assert torch.equal(weight, original)
