@@ -166,7 +166,9 @@ class PeftModel(PreTrainedModel):
     @contextmanager
     def disable_adapter(self):
         """Context manager: inside it the model computes as the base model; on exit adapters are back."""
-        already_disabled = all(layer.disable_adapters for _, layer in self.base_model.named_adapter_wrappers())
+        already_disabled = all(
+            layer.disable_adapters for _, layer in self.base_model.named_adapter_wrappers()
+        )
         self.base_model.disable_adapter_layers()
         try:
             yield
@@ -368,12 +370,16 @@ def _check_config(config) -> None:
 
 def _without_peft_kwargs(kwargs: dict) -> dict:
     if kwargs.get("adapter_names") is not None:
-        raise NotImplementedError("adapter_names= (mixed-adapter batches) is not supported yet by lora_engine")
+        raise NotImplementedError(
+            "adapter_names= (mixed-adapter batches) is not supported yet by lora_engine"
+        )
     kwargs.pop("adapter_names", None)
     return {key: value for key, value in kwargs.items() if key != "task_ids"}
 
 
-def _apply_key_mapping(weights: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+def _apply_key_mapping(
+    weights: dict[str, torch.Tensor], key_mapping: dict[str, str]
+) -> dict[str, torch.Tensor]:
     """peft's ``key_mapping``: regex renames applied to keys without the ``base_model.model.`` prefix."""
     import re
 
@@ -389,8 +395,9 @@ def _apply_key_mapping(weights: dict[str, torch.Tensor], key_mapping: dict[str, 
     return renamed
 
 
-class PeftModelForCausalLM(PeftModel):
-    """``PeftModel`` for causal language models."""
+class _InputsAndLabelsForward:
+    """The explicit forward signature transformers' Trainer inspects: ``labels`` gives it ``label_names``,
+    and named inputs keep ``remove_unused_columns`` from dropping them. ``None`` arguments are not passed on."""
 
     def forward(
         self,
@@ -405,48 +412,32 @@ class PeftModelForCausalLM(PeftModel):
         **kwargs,
     ):
         named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels
         )
-        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+        named.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        return PeftModel.forward(self, **_given(named, return_dict=return_dict), **kwargs)
 
 
-class PeftModelForSequenceClassification(PeftModel):
+def _given(named: dict, **more) -> dict:
+    return {key: value for key, value in {**named, **more}.items() if value is not None}
+
+
+class PeftModelForCausalLM(_InputsAndLabelsForward, PeftModel):
+    """``PeftModel`` for causal language models."""
+
+
+class PeftModelForSequenceClassification(_InputsAndLabelsForward, PeftModel):
     """``PeftModel`` for sequence classification; the ``classifier``/``score`` head is trained and saved."""
 
     task_modules_to_save = ("classifier", "score")
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        labels=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
-        named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
-
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
     """``PeftModel`` for token classification; the ``classifier``/``score`` head is trained and saved."""
+
+
+class PeftModelForFeatureExtraction(_InputsAndLabelsForward, PeftModel):
+    """``PeftModel`` for models that return hidden states (embeddings)."""
 
 
 class PeftModelForQuestionAnswering(PeftModel):
@@ -467,17 +458,10 @@ class PeftModelForQuestionAnswering(PeftModel):
         task_ids=None,
         **kwargs,
     ):
-        named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            start_positions=start_positions,
-            end_positions=end_positions,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
+        named.update(start_positions=start_positions, end_positions=end_positions)
+        named.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        return super().forward(**_given(named, return_dict=return_dict), **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -499,43 +483,15 @@ class PeftModelForSeq2SeqLM(PeftModel):
         **kwargs,
     ):
         named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels
+        )
+        named.update(
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
             decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
         )
-        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """``PeftModel`` for models that return hidden states (embeddings)."""
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
-        named = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
-        return super().forward(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+        named.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        return super().forward(**_given(named, return_dict=return_dict), **kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | str | None, type[PeftModel]] = {

@@ -49,7 +49,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_adapter_weights(state_dict: dict[str, torch.Tensor], folder: str, safe_serialization: bool = True) -> None:
+def save_adapter_weights(
+    state_dict: dict[str, torch.Tensor], folder: str, safe_serialization: bool = True
+) -> None:
     """Write ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), or ``adapter_model.bin``, atomically."""
     # Tensors must be contiguous and must not share storage (tied weights) for safetensors.
     tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
@@ -59,7 +61,9 @@ def save_adapter_weights(state_dict: dict[str, torch.Tensor], folder: str, safe_
             tensors[key] = value.clone()
         seen.add(value.data_ptr())
     if safe_serialization:
-        atomic_write(Path(folder) / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(
+            Path(folder) / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+        )
     else:
         atomic_write(Path(folder) / BIN_NAME, lambda tmp: torch.save(tensors, tmp))
 
@@ -109,7 +113,9 @@ def adapter_key_map(model: torch.nn.Module, adapter_name: str) -> dict[str, str]
     return key_map
 
 
-def _extra_saved_keys(model: torch.nn.Module, config, state_keys: list[str], save_embedding_layers) -> list[str]:
+def _extra_saved_keys(
+    model: torch.nn.Module, config, state_keys: list[str], save_embedding_layers
+) -> list[str]:
     """Keys saved as they are in memory: trained biases and, for targeted embeddings, the full embedding."""
     keys = []
     if config.bias == "all":
@@ -144,7 +150,9 @@ def get_peft_model_state_dict(
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     if adapter_name not in model.peft_config:
-        raise ValueError(f"Adapter {adapter_name!r} not found; available adapters: {sorted(model.peft_config)}")
+        raise ValueError(
+            f"Adapter {adapter_name!r} not found; available adapters: {sorted(model.peft_config)}"
+        )
     config = model.peft_config[adapter_name]
     if state_dict is None:
         state_dict = model.state_dict()
@@ -169,7 +177,9 @@ def set_peft_model_state_dict(
     a warning). Returns ``(missing_keys, unexpected_keys)`` restricted to this adapter's keys.
     """
     if adapter_name not in getattr(model, "peft_config", {}):
-        raise ValueError(f"Adapter {adapter_name!r} is not injected in the model; add it before loading weights")
+        raise ValueError(
+            f"Adapter {adapter_name!r} is not injected in the model; add it before loading weights"
+        )
     key_map = adapter_key_map(model, adapter_name)
     model_state = model.state_dict()
     uses_prefix = any(key.startswith(PEFT_PREFIX) for key in model_state)

@@ -100,16 +100,13 @@ def all_linear_targets(model: torch.nn.Module, task_type=None) -> set[str]:
     """
     named_modules = list(model.named_modules())
     wrappers = [name for name, module in named_modules if isinstance(_base_layer(module), torch.nn.Module)]
-    linear_names = {
-        name
-        for name, module in named_modules
-        if isinstance(module, _LINEAR_KINDS) or isinstance(_base_layer(module), _LINEAR_KINDS)
-    }
     head = _output_head(model, task_type)
     return {
         name
         for name, module in named_modules
-        if name in linear_names and module is not head and not _is_inside(name, wrappers)
+        if (isinstance(module, _LINEAR_KINDS) or isinstance(_base_layer(module), _LINEAR_KINDS))
+        and module is not head
+        and not _is_inside(name, wrappers)
     }
 
 
@@ -169,9 +166,8 @@ def find_targets(model: torch.nn.Module, config, skip_within=()) -> list[str]:
             stacklevel=2,
         )
     for attribute in ("rank_pattern", "alpha_pattern"):
-        unused = [
-            key for key in getattr(config, attribute) or {} if not any(_key_matches(key, n) for n in targets)
-        ]
+        patterns = getattr(config, attribute) or {}
+        unused = [key for key in patterns if not any(_key_matches(key, name) for name in targets)]
         if unused:
             warnings.warn(
                 f"{attribute} keys {unused} match no targeted module and are ignored.",
@@ -215,9 +211,9 @@ def _matches_targets(module_name: str, config) -> bool:
         return re.fullmatch(targets, module_name) is not None
     if module_name in targets:  # an exact full name is taken whatever layers_to_transform says
         return True
-    return any(module_name.endswith("." + target) for target in targets) and _in_selected_layer(
-        module_name, config
-    )
+    if not any(module_name.endswith("." + target) for target in targets):
+        return False
+    return _in_selected_layer(module_name, config)
 
 
 def _in_selected_layer(module_name: str, config) -> bool:

@@ -77,7 +77,9 @@ class LoraModel(nn.Module):
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
     # ------------------------------------------------------------------ injection
-    def inject_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True) -> None:
+    def inject_adapter(
+        self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool = True
+    ) -> None:
         """Add adapter ``adapter_name`` to every module ``config`` targets; new adapters start inactive.
 
         On any error the model is left as it was before the call.
@@ -179,7 +181,9 @@ class LoraModel(nn.Module):
     def _check_known(self, adapter_names: list[str]) -> None:
         unknown = [name for name in adapter_names if name not in self.peft_config]
         if unknown:
-            raise ValueError(f"Adapter(s) {unknown} not found; available adapters: {sorted(self.peft_config)}")
+            raise ValueError(
+                f"Adapter(s) {unknown} not found; available adapters: {sorted(self.peft_config)}"
+            )
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter or several (their outputs add up); active adapters become trainable."""
@@ -228,7 +232,9 @@ class LoraModel(nn.Module):
             return
         new_active = remaining_active or sorted(self.peft_config)[:1]
         if new_active:
-            warnings.warn(f"Deleted the active adapter {adapter_name!r}; the active adapter is now {new_active}")
+            warnings.warn(
+                f"Deleted the active adapter {adapter_name!r}; the active adapter is now {new_active}"
+            )
         self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
         self._refresh_trainable()
 
@@ -257,7 +263,9 @@ class LoraModel(nn.Module):
         """
         if safe_merge:
             self._check_finite_merge(adapter_names)
-        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        return self._unload(
+            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def unload(self) -> nn.Module:
         """Put every base layer back, without merging; returns the transformers model."""

@@ -60,7 +60,13 @@ class LoraLayer(nn.Module):
         return self.base_layer.bias
 
     def add_adapter(
-        self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, init_lora_weights
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        init_lora_weights,
     ) -> None:
         """Create the factors of ``adapter_name`` on the base weight's device, in fp32 or the base dtype.
 

@@ -58,7 +58,13 @@ class LoraEmbedding(LoraLayer):
         for name in active:
             lora_A, lora_B = self.lora_factors(name)
             after_A = F.embedding(
-                x, lora_A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+                x,
+                lora_A.T,
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
             )
             delta = (after_A @ lora_B.T) * self.scaling[name]
             if isinstance(embed_scale, torch.Tensor):

@@ -63,7 +63,9 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_A = grad_hidden.T.to(lora_A.dtype) @ x_lora
         if need_x:
             # The mask is drawn for x's shape, so regenerate it in that shape.
-            grad_x = _dropped((grad_hidden.to(lora_A.dtype) @ lora_A).reshape(x.shape), ctx.dropout_p, ctx.seed)
+            grad_x = _dropped(
+                (grad_hidden.to(lora_A.dtype) @ lora_A).reshape(x.shape), ctx.dropout_p, ctx.seed
+            )
             if weight is not None:
                 base_weight = weight.T if ctx.fan_in_fan_out else weight
                 grad_x = grad_x + (grad_flat.to(weight.dtype) @ base_weight).reshape(x.shape)
