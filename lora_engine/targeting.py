@@ -95,16 +95,18 @@ def all_linear_targets(model: torch.nn.Module, task_type=None) -> set[str]:
     """Full names of every `nn.Linear` and transformers `Conv1D` in `model`, as peft resolves "all-linear".
 
     Left out, for a `PreTrainedModel` only: the output embedding, or, when there is none and `task_type` is
-    "SEQ_CLS", the first of `model.score` / `model.classifier` that exists. A module with a `base_layer` child is an
-    existing adapter wrapper: it counts as linear when its base layer is, and nothing inside it is taken.
+    "SEQ_CLS", the first of `model.score` / `model.classifier` that exists. A wrapper already in the model (an
+    adapter layer holding `base_layer`, a modules-to-save wrapper holding `original_module`) stands for the module
+    it holds: it is taken when that module is linear, and nothing inside it is taken. So the result is the same
+    before and after modules are wrapped, and a second adapter can target the wrappers of the first.
     """
     named_modules = list(model.named_modules())
-    wrappers = [name for name, module in named_modules if isinstance(_base_layer(module), torch.nn.Module)]
+    wrappers = [name for name, module in named_modules if _wrapped_module(module) is not None]
     head = _output_head(model, task_type)
     return {
         name
         for name, module in named_modules
-        if (isinstance(module, _LINEAR_KINDS) or isinstance(_base_layer(module), _LINEAR_KINDS))
+        if (isinstance(module, _LINEAR_KINDS) or isinstance(_wrapped_module(module), _LINEAR_KINDS))
         and module is not head
         and not _is_inside(name, wrappers)
     }
@@ -249,8 +251,13 @@ def _is_inside(module_name: str, parents) -> bool:
     return any(module_name.startswith(parent + ".") for parent in parents)
 
 
-def _base_layer(module: torch.nn.Module):
-    return getattr(module, "base_layer", None)
+def _wrapped_module(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module a wrapper holds, by peft's attribute names; None for a module that wraps nothing."""
+    for attribute in ("base_layer", "original_module"):
+        held = getattr(module, attribute, None)
+        if isinstance(held, torch.nn.Module):
+            return held
+    return None
 
 
 def _output_head(model: torch.nn.Module, task_type) -> torch.nn.Module | None:

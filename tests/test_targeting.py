@@ -278,6 +278,15 @@ def test_all_linear_on_a_wrapped_model_takes_the_wrappers_but_nothing_inside_the
     assert "model.layers.0.self_attn.q_proj" in ours
 
 
+def test_all_linear_is_the_same_before_and_after_modules_are_wrapped():
+    peft_model, _, peft_config = peft_injection(bert(), target_modules="all-linear", task_type="SEQ_CLS")
+    assert all_linear_targets(peft_model.base_model.model, "SEQ_CLS") == peft_config.target_modules
+    model = bert()  # modules to save wrapped before "all-linear" is resolved, as lora_engine's tuner does
+    model.classifier = ModulesToSaveWrapper(model.classifier, "default")
+    model.bert.pooler.dense = ModulesToSaveWrapper(model.bert.pooler.dense, "default")
+    assert all_linear_targets(model, "SEQ_CLS") == peft_config.target_modules
+
+
 # (model builder, config fields) for find_targets versus the modules peft wraps.
 FIND_CASES = {
     "llama-list": (llama, {"target_modules": ["q_proj", "v_proj"]}),

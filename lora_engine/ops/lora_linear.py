@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from lora_engine import backend
-from lora_engine.reference.lora_linear import LoraLinearFunction
+from lora_engine.reference import lora_linear as reference
 
 
 def _draw_seed() -> int:
@@ -43,6 +43,6 @@ def lora_linear(
     """``[..., in]`` → ``[..., out]``; see the module docstring."""
     backend.uses_triton("lora_linear", x.device, has_kernel=False)
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    return LoraLinearFunction.apply(
+    return reference.lora_linear(
         x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, fan_in_fan_out
     )

@@ -24,14 +24,30 @@ def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return x * dropout_keep_mask(x.shape, p, seed, x.device) * (1.0 / (1.0 - p))
 
 
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
+    """``ops.lora_linear`` in PyTorch; see its docstring for the contract.
+
+    Without dropout and with adapters in the input's dtype, plain autograd already saves the input only once
+    (no copy) and runs its backward in C++, so the eager ops are used; otherwise ``LoraLinearFunction``, which
+    saves the input as it came rather than a dropped or upcast copy.
+    """
+    if dropout_p == 0.0 and x.dtype == lora_A.dtype:
+        delta = F.linear(F.linear(x, lora_A), lora_B) * scaling
+        if weight is None:
+            return delta
+        base_out = F.linear(x, weight.T if fan_in_fan_out else weight, bias)
+        return base_out + delta
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out)
+
+
 class LoraLinearFunction(torch.autograd.Function):
-    """Autograd for ``ops.lora_linear``; see its docstring for the contract."""
+    """Autograd of ``lora_linear`` that saves ``x``, the ``[N, r]`` product and the dropout seed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
         x_lora = _dropped(x.to(lora_A.dtype), dropout_p, seed)
-        lora_hidden = x_lora @ lora_A.T  # [..., r]
-        delta = (lora_hidden @ lora_B.T) * scaling
+        lora_hidden = F.linear(x_lora, lora_A)  # [..., r]
+        delta = F.linear(lora_hidden, lora_B) * scaling
         if weight is None:
             out = delta
         else:
