@@ -42,7 +42,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=None, help="where to save the adapter (default: a temp folder)")
+    parser.add_argument(
+        "--output-dir", default=None, help="where to save the adapter (default: a temp folder)"
+    )
     args = parser.parse_args()
 
     model = get_peft_model(
@@ -72,7 +74,9 @@ def main() -> None:
             print(f"step {step:4d}  loss {loss.item():.4f}")
     train_seconds = time.perf_counter() - start
     loss_after = held_out_loss()
-    print(f"held-out loss: {loss_before:.4f} before, {loss_after:.4f} after ({train_seconds:.1f} s of training)")
+    print(
+        f"held-out loss: {loss_before:.4f} before, {loss_after:.4f} after ({train_seconds:.1f} s of training)"
+    )
 
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="lora_engine_quickstart_")
     model.save_pretrained(output_dir)

@@ -240,9 +240,15 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold ``adapter_names`` (default: the active ones) into the base weights; they stay unmergeable."""
+        """Fold ``adapter_names`` (default: the active ones) into the base weights; they can be unmerged.
+
+        With ``safe_merge`` every layer is checked before any is merged, so a broken adapter raises
+        ``ValueError`` and leaves every base weight untouched (peft leaves earlier layers merged).
+        """
         if adapter_names is not None:
             self._check_known(list(adapter_names))
+        if safe_merge:
+            self._check_finite_merge(adapter_names)
         for module_name, layer in self.lora_layers():
             try:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)

@@ -8,7 +8,7 @@ logits, and the two libraries write the same files: safetensors keys, shapes, dt
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import peft
@@ -37,7 +37,6 @@ class Case:
     factory: str = "llama_factory"
     adapter_name: str = "default"
     dtype: torch.dtype = torch.float32
-    extra: dict = field(default_factory=dict)
 
 
 ATTENTION = ["q_proj", "v_proj"]
@@ -72,6 +71,8 @@ CASES = [
     Case("bf16_base", dict(target_modules=ATTENTION, task_type="CAUSAL_LM"), dtype=torch.bfloat16),
     Case("no_task_type", dict(target_modules=ATTENTION, task_type=None)),
 ]
+
+CASE = {case.id: case for case in CASES}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -223,7 +224,7 @@ def test_task_type_none_writes_the_base_class_as_auto_mapping(llama_factory, tmp
 
 
 def test_embedding_targeted_saves_the_full_embedding_weight(llama_factory, tmp_path):
-    _, ours = build_pair(llama_factory, CASES[3])
+    _, ours = build_pair(llama_factory, CASE["embedding_targeted"])
     ours.save_pretrained(tmp_path)
 
     _, tensors = read_safetensors(tmp_path / WEIGHTS_FILE)
@@ -235,7 +236,7 @@ def test_embedding_targeted_saves_the_full_embedding_weight(llama_factory, tmp_p
 # ---------------------------------------------------------------------------------------------------- several adapters
 def build_two_adapter_pair(factory):
     """Both libraries with ``default`` on q/v and ``other`` on k, the same weights, ``default`` active."""
-    theirs, ours = build_pair(factory, CASES[0])
+    theirs, ours = build_pair(factory, CASE["default_adapter"])
     other = dict(target_modules=["k_proj"], r=4, task_type="CAUSAL_LM")
     torch.manual_seed(3)
     theirs.add_adapter("other", peft.LoraConfig(init_lora_weights=False, **other))
@@ -302,7 +303,7 @@ def test_second_adapter_saved_by_lora_engine_loads_in_peft_with_load_adapter(
 
 # ---------------------------------------------------------------------------------------------------- .bin files
 def test_bin_adapter_saved_by_peft_loads_in_lora_engine(llama_factory, tmp_path, input_ids):
-    theirs, _ = build_pair(llama_factory, CASES[2])
+    theirs, _ = build_pair(llama_factory, CASE["modules_to_save_lm_head"])
     theirs.save_pretrained(tmp_path, safe_serialization=False)
 
     loaded = lora_engine.PeftModel.from_pretrained(llama_factory(0), tmp_path)
@@ -312,7 +313,7 @@ def test_bin_adapter_saved_by_peft_loads_in_lora_engine(llama_factory, tmp_path,
 
 
 def test_bin_adapter_saved_by_lora_engine_loads_in_peft(llama_factory, tmp_path, input_ids):
-    _, ours = build_pair(llama_factory, CASES[2])
+    _, ours = build_pair(llama_factory, CASE["modules_to_save_lm_head"])
     ours.save_pretrained(tmp_path, safe_serialization=False)
 
     loaded = peft.PeftModel.from_pretrained(llama_factory(0), tmp_path)
@@ -323,7 +324,7 @@ def test_bin_adapter_saved_by_lora_engine_loads_in_peft(llama_factory, tmp_path,
 
 
 def test_bin_adapter_holds_the_same_tensors_as_peft_bin(llama_factory, tmp_path):
-    theirs, ours = build_pair(llama_factory, CASES[2])
+    theirs, ours = build_pair(llama_factory, CASE["modules_to_save_lm_head"])
     theirs.save_pretrained(tmp_path / "peft", safe_serialization=False)
     ours.save_pretrained(tmp_path / "ours", safe_serialization=False)
 
@@ -335,7 +336,7 @@ def test_bin_adapter_holds_the_same_tensors_as_peft_bin(llama_factory, tmp_path)
 
 # ---------------------------------------------------------------------------------------------------- from_pretrained
 def test_from_pretrained_reads_a_subfolder_saved_by_peft(llama_factory, tmp_path, input_ids):
-    theirs, _ = build_pair(llama_factory, CASES[0])
+    theirs, _ = build_pair(llama_factory, CASE["default_adapter"])
     theirs.save_pretrained(tmp_path / "checkpoint")
 
     loaded = lora_engine.PeftModel.from_pretrained(llama_factory(0), tmp_path, subfolder="checkpoint")
@@ -344,7 +345,7 @@ def test_from_pretrained_reads_a_subfolder_saved_by_peft(llama_factory, tmp_path
 
 
 def test_peft_reads_a_subfolder_saved_by_lora_engine(llama_factory, tmp_path, input_ids):
-    _, ours = build_pair(llama_factory, CASES[0])
+    _, ours = build_pair(llama_factory, CASE["default_adapter"])
     ours.save_pretrained(tmp_path / "checkpoint")
 
     loaded = peft.PeftModel.from_pretrained(llama_factory(0), tmp_path, subfolder="checkpoint")
@@ -353,7 +354,7 @@ def test_peft_reads_a_subfolder_saved_by_lora_engine(llama_factory, tmp_path, in
 
 
 def test_from_pretrained_picks_the_causal_lm_class_from_task_type_like_peft(llama_factory, tmp_path):
-    theirs, ours = build_pair(llama_factory, CASES[0])
+    theirs, ours = build_pair(llama_factory, CASE["default_adapter"])
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
 
@@ -366,7 +367,13 @@ def test_from_pretrained_picks_the_causal_lm_class_from_task_type_like_peft(llam
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts
-STATE_DICT_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[7]]
+STATE_DICT_CASES = [
+    CASE["default_adapter"],
+    CASE["named_adapter"],
+    CASE["modules_to_save_lm_head"],
+    CASE["embedding_targeted"],
+    CASE["bert_seq_cls"],
+]
 
 
 @pytest.mark.parametrize("case", STATE_DICT_CASES, ids=[case.id for case in STATE_DICT_CASES])

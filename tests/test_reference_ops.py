@@ -20,7 +20,13 @@ def _operands(dtype, leading=(2, 3), in_features=7, out_features=5, rank=3, bias
     x = rand(*leading, in_features)
     weight = rand(out_features, in_features).detach()  # frozen
     bias_ = rand(out_features) if bias else None
-    return x, weight, bias_, rand(rank, in_features, dtype=torch.float32), rand(out_features, rank, dtype=torch.float32)
+    return (
+        x,
+        weight,
+        bias_,
+        rand(rank, in_features, dtype=torch.float32),
+        rand(out_features, rank, dtype=torch.float32),
+    )
 
 
 def _plain(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
@@ -53,7 +59,10 @@ def test_lora_linear_takes_non_contiguous_input():
     x, weight, bias, lora_A, lora_B = _operands(torch.float32, leading=(3, 4))
     x_t = x.detach().transpose(0, 1).requires_grad_()  # [4, 3, in], non-contiguous
     assert not x_t.is_contiguous()
-    ours, plain = lora_linear(x_t, weight, bias, lora_A, lora_B, 2.0), _plain(x_t, weight, bias, lora_A, lora_B, 2.0)
+    ours, plain = (
+        lora_linear(x_t, weight, bias, lora_A, lora_B, 2.0),
+        _plain(x_t, weight, bias, lora_A, lora_B, 2.0),
+    )
     torch.testing.assert_close(ours, plain)
     for got, want in zip(_grads(ours, [x_t, lora_A, lora_B]), _grads(plain, [x_t, lora_A, lora_B])):
         torch.testing.assert_close(got, want)
@@ -73,7 +82,9 @@ def test_lora_linear_fan_in_fan_out_weight_is_in_out():
 
 def test_lora_linear_without_weight_returns_only_the_low_rank_term():
     x, _, _, lora_A, lora_B = _operands(torch.float32)
-    torch.testing.assert_close(lora_linear(x, None, None, lora_A, lora_B, 3.0), (x @ lora_A.T) @ lora_B.T * 3.0)
+    torch.testing.assert_close(
+        lora_linear(x, None, None, lora_A, lora_B, 3.0), (x @ lora_A.T) @ lora_B.T * 3.0
+    )
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

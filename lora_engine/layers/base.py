@@ -131,7 +131,9 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``'s factors and settings. The caller refuses merged adapters first."""
         for container_name in self.adapter_containers:
-            getattr(self, container_name).pop(adapter_name, None)
+            container = getattr(self, container_name)
+            if adapter_name in container:
+                del container[adapter_name]
         for setting in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_dropout_p):
             setting.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
