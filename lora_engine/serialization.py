@@ -8,6 +8,7 @@ keys map to its in-memory ones (``adapter_state_keys``), and the same map is use
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -79,7 +80,13 @@ def load_adapter_weights(folder: str, device: str | torch.device | None = None) 
     if (folder_path / SAFETENSORS_NAME).is_file():
         return load_file(folder_path / SAFETENSORS_NAME, device=device)
     if (folder_path / BIN_NAME).is_file():
-        return torch.load(folder_path / BIN_NAME, map_location=device, weights_only=True)
+        try:
+            return torch.load(folder_path / BIN_NAME, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise pickle.UnpicklingError(
+                f"Refusing to load {str(folder_path / BIN_NAME)!r}: it holds more than tensors, and adapters are "
+                f"never fully unpickled (torch.load(weights_only=True) said: {err})"
+            ) from err
     raise FileNotFoundError(f"No {SAFETENSORS_NAME} or {BIN_NAME} in {str(folder_path)!r}")
 
 

@@ -107,8 +107,20 @@ class LoraLayer(nn.Module):
             param.data = param.data.to(device=weight.device, dtype=dtype or param.dtype)
 
     def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
-        """Saved key suffix → in-memory key suffix of ``adapter_name``'s tensors (peft drops the adapter name)."""
-        raise NotImplementedError
+        """Saved key suffix → in-memory key suffix of ``adapter_name``'s tensors: peft drops the adapter name
+        (``lora_A.<name>.weight`` → ``lora_A.weight``, ``lora_embedding_A.<name>`` → ``lora_embedding_A``)."""
+        keys = {}
+        for container_name in self.adapter_containers:
+            container = getattr(self, container_name)
+            if adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            if isinstance(entry, nn.Parameter):
+                keys[container_name] = f"{container_name}.{adapter_name}"
+            else:
+                for key in entry.state_dict():
+                    keys[f"{container_name}.{key}"] = f"{container_name}.{adapter_name}.{key}"
+        return keys
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Activate ``adapter_names``; they become trainable unless ``inference_mode``, all others frozen."""
@@ -141,9 +153,6 @@ class LoraLayer(nn.Module):
             self.active_adapters = remaining or self.adapter_names[:1]
 
     # ----------------------------------------------------------------- merging
-    def _base_weight(self) -> torch.Tensor:
-        return self.base_layer.weight.data
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold ``s · B A`` of ``adapter_names`` (default: the active ones) into the base weight, in place.
 
@@ -159,16 +168,8 @@ class LoraLayer(nn.Module):
         for name in names:
             if name in self.merged_adapters or name not in self.r:
                 continue
-            lora_A, lora_B = self.lora_factors(name)
             try:
-                lora_merge(
-                    self._base_weight(),
-                    lora_A,
-                    lora_B,
-                    self.scaling[name],
-                    fan_in_fan_out=self.delta_is_transposed,
-                    check_finite=safe_merge,
-                )
+                self._apply_delta(name, subtract=False, check_finite=safe_merge)
             except FloatingPointError as err:
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {name!r} seems to be broken: merging it "
@@ -183,16 +184,19 @@ class LoraLayer(nn.Module):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            lora_A, lora_B = self.lora_factors(name)
-            lora_merge(
-                self._base_weight(),
-                lora_A,
-                lora_B,
-                self.scaling[name],
-                fan_in_fan_out=self.delta_is_transposed,
-                subtract=True,
-            )
+            self._apply_delta(self.merged_adapters.pop(), subtract=True, check_finite=False)
+
+    def _apply_delta(self, adapter_name: str, subtract: bool, check_finite: bool) -> None:
+        lora_A, lora_B = self.lora_factors(adapter_name)
+        lora_merge(
+            self.base_layer.weight.data,
+            lora_A,
+            lora_B,
+            self.scaling[adapter_name],
+            fan_in_fan_out=self.delta_is_transposed,
+            subtract=subtract,
+            check_finite=check_finite,
+        )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s · B A`` of ``adapter_name``, shaped and typed like the base weight."""
@@ -200,5 +204,16 @@ class LoraLayer(nn.Module):
         delta = lora_delta(lora_A, lora_B, self.scaling[adapter_name], self.delta_is_transposed)
         return delta.to(self.base_layer.weight.dtype)
 
-    def _active_here(self) -> list[str]:
+    def _adapters_to_run(self) -> list[str]:
+        """The adapters a forward adds on top of the base layer's output.
+
+        None while adapters are disabled (merged adapters are unmerged first, so the base layer is the
+        original) or merged (the base weight already holds them); else the active adapters this layer holds.
+        """
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        if self.merged:
+            return []
         return [name for name in self.active_adapters if name in self.r]

@@ -47,19 +47,10 @@ class LoraLinear(LoraLayer):
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
-    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
-        if adapter_name not in self.lora_A:
-            return {}
-        return {f"lora_{f}.weight": f"lora_{f}.{adapter_name}.weight" for f in ("A", "B")}
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x [..., in]`` → ``[..., out]`` in the base layer's dtype."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active_here()
-        if self.merged or not active:
+        active = self._adapters_to_run()
+        if not active:
             return self.base_layer(x, *args, **kwargs)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         result = None

@@ -37,20 +37,11 @@ class LoraEmbedding(LoraLayer):
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
 
-    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
-        if adapter_name not in self.lora_embedding_A:
-            return {}
-        return {f"lora_embedding_{f}": f"lora_embedding_{f}.{adapter_name}" for f in ("A", "B")}
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Token ids ``x [...]`` → ``[..., embedding_dim]`` in the base layer's dtype."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = self._active_here()
+        active = self._adapters_to_run()
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged or not active:
+        if not active:
             return result
         result_dtype = result.dtype
         embed_scale = getattr(self.base_layer, "embed_scale", None)
