@@ -5,6 +5,7 @@ Change ``from peft import ...`` to ``from lora_engine import ...``.
 
 from lora_engine.backend import get_backend, set_backend
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
+from lora_engine.kbit import prepare_model_for_kbit_training
 from lora_engine.mapping import get_peft_model, inject_adapter_in_model
 from lora_engine.peft_model import (
     PeftModel,
@@ -37,6 +38,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "set_backend",
     "set_peft_model_state_dict",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -349,11 +350,42 @@ class PeftModel(PreTrainedModel):
         return result
 
     # ------------------------------------------------------------------ running
-    def forward(self, *args, **kwargs):
-        return self.get_base_model()(*args, **_without_peft_kwargs(kwargs))
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for the base
+        model) runs each row with its own adapter."""
+        kwargs.pop("task_ids", None)
+        if adapter_names is None:
+            return self.get_base_model()(*args, **kwargs)
+        _check_rows(adapter_names, args, kwargs)
+        with self.base_model.route_rows(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.get_base_model().generate(*args, **_without_peft_kwargs(kwargs))
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward``, one per input row."""
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        _check_rows(adapter_names, args, kwargs)
+        # generate repeats each input row for beams (or for several samples): repeat its adapter with it.
+        generation_config = kwargs.get("generation_config") or self.get_base_model().generation_config
+        num_beams = kwargs.get("num_beams", generation_config.num_beams) or 1
+        samples = kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1
+        repeats = num_beams if num_beams > 1 else samples
+        expanded = [name for name in adapter_names for _ in range(repeats)]
+        with self.base_model.route_rows(expanded):
+            return self.get_base_model().generate(*args, **kwargs)
+
+
+def _check_rows(adapter_names: list[str], args: tuple, kwargs: dict) -> None:
+    """``adapter_names`` must be a list with one entry per row of the inputs."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, list | tuple):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+    named_inputs = (kwargs[key] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None)
+    inputs = args[0] if args else next(named_inputs, None)
+    if isinstance(inputs, torch.Tensor) and len(adapter_names) != inputs.shape[0]:
+        raise ValueError(
+            f"Length of `adapter_names` ({len(adapter_names)}) should be the same as the number of inputs "
+            f"({inputs.shape[0]})"
+        )
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -368,20 +400,10 @@ def _check_config(config) -> None:
         raise TypeError(f"lora_engine supports LoraConfig adapters only, got {type(config).__name__}")
 
 
-def _without_peft_kwargs(kwargs: dict) -> dict:
-    if kwargs.get("adapter_names") is not None:
-        raise NotImplementedError(
-            "adapter_names= (mixed-adapter batches) is not supported yet by lora_engine"
-        )
-    kwargs.pop("adapter_names", None)
-    return {key: value for key, value in kwargs.items() if key != "task_ids"}
-
-
 def _apply_key_mapping(
     weights: dict[str, torch.Tensor], key_mapping: dict[str, str]
 ) -> dict[str, torch.Tensor]:
     """peft's ``key_mapping``: regex renames applied to keys without the ``base_model.model.`` prefix."""
-    import re
 
     prefix = "base_model.model."
     renamed = {}

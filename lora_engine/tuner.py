@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.dense import LoraLinear
 from lora_engine.layers.embedding import LoraEmbedding
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
 
@@ -26,6 +28,10 @@ AdapterWrapper = LoraLayer | ModulesToSaveWrapper
 
 
 def _wrap(module_name: str, module: nn.Module) -> LoraLayer:
+    if type(module).__module__.startswith("bitsandbytes"):
+        from lora_engine.layers.bnb import wrap_bnb_linear  # imports bitsandbytes only for quantized models
+
+        return wrap_bnb_linear(module_name, module)
     if isinstance(module, nn.Linear | Conv1D):
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
@@ -40,6 +46,18 @@ def _replace(model: nn.Module, module_name: str, new_module: nn.Module) -> None:
     parent_name, _, child_name = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, new_module)
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Mark a transformers model whose quantized layers were all made dense as a plain model again."""
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if flag in model.__dict__:
+            setattr(model, flag, False)
+    if "hf_quantizer" in model.__dict__:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
 
 
 class LoraModel(nn.Module):
@@ -238,6 +256,44 @@ class LoraModel(nn.Module):
         self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
         self._refresh_trainable()
 
+    # ------------------------------------------------------------------ mixed batches
+    @contextmanager
+    def route_rows(self, adapter_names: list[str]):
+        """Context manager: while inside it, batch row ``b`` runs adapter ``adapter_names[b]`` in every layer
+        (``"__base__"``: the base model only). The routing is built once here, for all layers.
+
+        Raises ``ValueError`` for unknown names, in training mode, or while any adapter is merged (peft's rules).
+        """
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, list | tuple):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}"
+            )
+        unknown = sorted({name for name in adapter_names if name != BASE_ONLY} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {unknown}; available adapters: "
+                f"{sorted(self.peft_config)} (and {BASE_ONLY!r} for the base model)"
+            )
+        if self.training:
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode; call model.eval()"
+            )
+        merged = [name for name, layer in self.lora_layers() if layer.merged]
+        if merged:
+            raise ValueError(
+                f"Cannot pass `adapter_names` when there are merged adapters (e.g. in {merged[0]!r}); "
+                "call unmerge_adapter() first"
+            )
+        routing = AdapterRouting(list(adapter_names))
+        wrappers = [wrapper for _, wrapper in self.named_adapter_wrappers()]
+        for wrapper in wrappers:
+            wrapper.routing = routing
+        try:
+            yield routing
+        finally:
+            for wrapper in wrappers:
+                wrapper.routing = None
+
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold ``adapter_names`` (default: the active ones) into the base weights; they can be unmerged.
@@ -276,6 +332,32 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         """Put every base layer back, without merging; returns the transformers model."""
         return self._unload(merge=False)
+
+    def merge_and_unload_dequantized(
+        self,
+        dtype: torch.dtype | None = None,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        """Export a dense model: every bitsandbytes layer becomes an ``nn.Linear`` holding its dequantized
+        weight plus the merged LoRA deltas, computed in fp32 and cast once to ``dtype`` (default: each layer's
+        compute dtype). Unlike ``merge_and_unload`` on a 4-bit base, nothing is requantized, so no rounding
+        error is added. Returns the transformers model, no longer quantized.
+        """
+        from lora_engine.layers.bnb import dequantize_bnb_linear, is_bnb_linear
+
+        if safe_merge:
+            self._check_finite_merge(adapter_names)
+        for module_name, layer in list(self.lora_layers()):
+            if is_bnb_linear(layer.base_layer):
+                names = [name for name in (adapter_names or layer.active_adapters) if name in layer.r]
+                _replace(self.model, module_name, layer.to_dense(names, dtype))
+        model = self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        for module_name, module in list(model.named_modules()):
+            if is_bnb_linear(module):
+                _replace(model, module_name, dequantize_bnb_linear(module, dtype))
+        _forget_quantization(model)
+        return model
 
     def _check_finite_merge(self, adapter_names: list[str] | None) -> None:
         for module_name, layer in self.lora_layers():

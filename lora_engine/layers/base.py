@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from lora_engine.layers.routing import AdapterRouting
 from lora_engine.ops.lora_merge import lora_delta, lora_merge
 
 
@@ -36,6 +37,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        self.routing: AdapterRouting | None = None  # set by LoraModel for the length of a mixed-batch forward
 
     # ----------------------------------------------------------------- registry
     @property
@@ -203,6 +205,27 @@ class LoraLayer(nn.Module):
         lora_A, lora_B = self.lora_factors(adapter_name)
         delta = lora_delta(lora_A, lora_B, self.scaling[adapter_name], self.delta_is_transposed)
         return delta.to(self.base_layer.weight.dtype)
+
+    def stacked_factors(
+        self, routing: AdapterRouting, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The routed adapters this layer holds, stacked for ``grouped_lora``, or None if it holds none.
+
+        Returns ``(row_adapter [B], lora_A [n, r_max, in], lora_B [n, out, r_max], scaling [n])``; factors of
+        smaller ranks are zero-padded, which leaves ``B A`` unchanged.
+        """
+        held = [name for name in routing.names if name in self.r]
+        if not held:
+            return None
+        factors = [self.lora_factors(name) for name in held]
+        rank = max(lora_A.shape[0] for lora_A, _ in factors)
+        lora_A = factors[0][0].new_zeros(len(held), rank, self.in_features)
+        lora_B = factors[0][1].new_zeros(len(held), self.out_features, rank)
+        for index, (factor_A, factor_B) in enumerate(factors):
+            lora_A[index, : factor_A.shape[0]] = factor_A
+            lora_B[index, :, : factor_B.shape[1]] = factor_B
+        scaling = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32, device=device)
+        return routing.rows_for(held, device), lora_A, lora_B, scaling
 
     def _adapters_to_run(self) -> list[str]:
         """The adapters a forward adds on top of the base layer's output.

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_engine.layers.base import LoraLayer
+from lora_engine.ops.grouped_lora import grouped_lora
 from lora_engine.ops.lora_linear import lora_linear
 
 
@@ -49,6 +50,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x [..., in]`` → ``[..., out]`` in the base layer's dtype."""
+        if self.routing is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         active = self._adapters_to_run()
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -65,3 +68,12 @@ class LoraLinear(LoraLayer):
                 delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
                 result = (result + delta).to(result.dtype)
         return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of ``x [B, ..., in]`` gets the adapter ``self.routing`` assigns it, in one grouped call."""
+        result = self.base_layer(x, *args, **kwargs)
+        stacked = self.stacked_factors(self.routing, x.device)
+        if stacked is None:
+            return result
+        self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
+        return (result + grouped_lora(x, *stacked)).to(result.dtype)

@@ -39,26 +39,37 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Token ids ``x [...]`` → ``[..., embedding_dim]`` in the base layer's dtype."""
-        active = self._adapters_to_run()
         result = self.base_layer(x, *args, **kwargs)
+        if self.routing is not None and not self.disable_adapters:
+            delta = self._mixed_batch_delta(x)
+            return result if delta is None else (result + self._scaled(delta)).to(result.dtype)
+        active = self._adapters_to_run()
         if not active:
             return result
-        result_dtype = result.dtype
-        embed_scale = getattr(self.base_layer, "embed_scale", None)
         base = self.base_layer
+        lookup = (base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        summed = result
         for name in active:
             lora_A, lora_B = self.lora_factors(name)
-            after_A = F.embedding(
-                x,
-                lora_A.T,
-                base.padding_idx,
-                base.max_norm,
-                base.norm_type,
-                base.scale_grad_by_freq,
-                base.sparse,
-            )
-            delta = (after_A @ lora_B.T) * self.scaling[name]
-            if isinstance(embed_scale, torch.Tensor):
-                delta = delta * embed_scale.to(delta.dtype)
-            result = result + delta
-        return result.to(result_dtype)
+            after_A = F.embedding(x, lora_A.T, *lookup)  # [..., r]
+            summed = summed + self._scaled((after_A @ lora_B.T) * self.scaling[name])
+        return summed.to(result.dtype)
+
+    def _scaled(self, delta: torch.Tensor) -> torch.Tensor:
+        # Embeddings that scale their output (Gemma's embed_scale) scale the LoRA term too, as peft does.
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        return delta * embed_scale.to(delta.dtype) if isinstance(embed_scale, torch.Tensor) else delta
+
+    def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row of token ids ``x [B, ...]`` looks up its own adapter's ``A`` columns, then one batched matmul."""
+        stacked = self.stacked_factors(self.routing, x.device)
+        if stacked is None:
+            return None
+        self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
+        row_adapter, lora_A, lora_B, scaling = stacked
+        index = row_adapter.clamp(min=0)
+        tokens = x.reshape(x.shape[0], -1)  # [B, T]
+        after_A = lora_A.transpose(1, 2)[index[:, None], tokens]  # [B, T, r]
+        row_scale = torch.where(row_adapter >= 0, scaling[index], torch.zeros_like(scaling[index]))
+        delta = torch.bmm(after_A, lora_B[index].transpose(1, 2)) * row_scale.to(lora_A.dtype)[:, None, None]
+        return delta.reshape(*x.shape, self.out_features)

@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from lora_engine.layers.routing import AdapterRouting
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds ``original_module`` plus one trainable copy per adapter in ``modules_to_save``."""
@@ -22,6 +24,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disable_adapters = False
+        self.routing: AdapterRouting | None = None  # set by LoraModel for the length of a mixed-batch forward
         self.add_adapter(adapter_name)
 
     def add_adapter(self, adapter_name: str) -> None:
@@ -73,8 +76,21 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.active_module()(*args, **kwargs)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        return self.active_module()(x, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Rows routed to an adapter with a copy here run that copy; all other rows run the original."""
+        self.routing.check_batch(x.shape[0], type(self.original_module).__name__)
+        result = self.original_module(x, *args, **kwargs)
+        held = [name for name in self.routing.names if name in self.modules_to_save]
+        rows = self.routing.rows_for(held, x.device)
+        for held_index, name in enumerate(held):
+            selected = (rows == held_index).nonzero().squeeze(1)
+            result = result.index_copy(0, selected, self.modules_to_save[name](x[selected], *args, **kwargs))
+        return result
 
     def __getattr__(self, name: str):
         # Attributes of the wrapped module (``weight``, ``out_features``...) stay readable through the wrapper.

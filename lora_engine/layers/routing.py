@@ -1,0 +1,36 @@
+"""Mixed-adapter batches: which adapter each batch row runs, decided once per forward for every layer."""
+
+from __future__ import annotations
+
+import torch
+
+BASE_ONLY = "__base__"
+
+
+class AdapterRouting:
+    """The adapter of each batch row: ``names[row_adapter[b]]``, or the base model alone where -1.
+
+    Built once per forward from the user's ``adapter_names`` (one name per row, ``"__base__"`` for the base
+    model); each layer maps it to the adapters it holds with ``rows_for``.
+    """
+
+    def __init__(self, adapter_names: list[str]) -> None:
+        self.names: list[str] = list(dict.fromkeys(name for name in adapter_names if name != BASE_ONLY))
+        position = {name: index for index, name in enumerate(self.names)}
+        self.row_adapter = torch.tensor([position.get(name, -1) for name in adapter_names], dtype=torch.long)
+        self.batch_size = len(adapter_names)
+
+    def rows_for(self, held: list[str], device: torch.device) -> torch.Tensor:
+        """``[B]`` indices into ``held`` (the routed adapters one layer holds, in ``self.names`` order), -1 where
+        the row runs an adapter the layer does not hold or the base model."""
+        to_held = torch.full((len(self.names) + 1,), -1, dtype=torch.long)  # the last slot maps -1 to -1
+        for held_index, name in enumerate(held):
+            to_held[self.names.index(name)] = held_index
+        return to_held[self.row_adapter].to(device)
+
+    def check_batch(self, batch_size: int, module_name: str) -> None:
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"adapter_names has {self.batch_size} entries but {module_name} got a batch of {batch_size} "
+                "rows; pass one adapter name per row"
+            )
