@@ -7,6 +7,7 @@ model-wide operation (activate, disable, delete, merge, unload) is a loop over t
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_engine import merging
 from lora_engine.config import LoraConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.dense import LoraLinear
@@ -46,6 +48,19 @@ def _replace(model: nn.Module, module_name: str, new_module: nn.Module) -> None:
     parent_name, _, child_name = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, new_module)
+
+
+def _union_of_targets(adapters: list[str], configs: list[LoraConfig]) -> str | set[str]:
+    """The new adapter's ``target_modules``: the union of the sources' sets, or their regexes or-ed together."""
+    kinds = {type(config.target_modules) for config in configs}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"all adapter configs should follow the same target modules type; {adapters} mix a str (regex) "
+            "target_modules with a list/set, which add_weighted_adapter does not support"
+        )
+    if isinstance(configs[0].target_modules, str):
+        return "|".join(f"({config.target_modules})" for config in configs)
+    return set().union(*(config.target_modules for config in configs))
 
 
 def _forget_quantization(model: nn.Module) -> None:
@@ -255,6 +270,119 @@ class LoraModel(nn.Module):
             )
         self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
         self._refresh_trainable()
+
+    # ------------------------------------------------------------------ combining adapters
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, the weighted combination of ``adapters`` (peft 0.21.2's semantics and errors).
+
+        The new adapter is added inactive and frozen; ``set_adapter`` activates it. Its scaling is exactly 1
+        (``lora_alpha = r``, ``use_rslora=False``), so ``B A`` is the whole combined delta — also for sources
+        trained with rslora, where peft over-scales by ``√r`` (huggingface/peft#3761). An existing
+        ``adapter_name`` is left as it is, as in peft. The math is in ``lora_engine.merging``.
+        """
+        if adapter_name in self.peft_config:
+            return
+        self._check_known(list(adapters))
+        for _, wrapper in self.named_adapter_wrappers():
+            if (
+                isinstance(wrapper, ModulesToSaveWrapper)
+                and sum(a in wrapper.modules_to_save for a in adapters) > 1
+            ):
+                raise ValueError(
+                    "Cannot add weighted adapters if they target the same module with modules_to_save "
+                    f"({wrapper.original_module.__class__.__name__} is saved by several of {adapters})"
+                )
+        combination_type = merging.resolve_combination_type(combination_type, len(adapters))
+        configs = [self.peft_config[name] for name in adapters]
+        ranks = [max([config.r, *config.rank_pattern.values()]) for config in configs]
+        rank = merging.new_rank(ranks, combination_type, svd_rank)
+        config = dataclasses.replace(
+            configs[0],
+            r=rank,
+            lora_alpha=rank,
+            use_rslora=False,
+            target_modules=_union_of_targets(adapters, configs),
+            rank_pattern={},
+            alpha_pattern={},
+        )
+        self.inject_adapter(adapter_name, config)
+        with torch.no_grad():
+            for _, layer in self.lora_layers():
+                if adapter_name not in layer.r:
+                    continue
+                sources = [name for name in adapters if name in layer.r]
+                source_weights = [weight for name, weight in zip(adapters, weights) if name in layer.r]
+                new_A, new_B = self._combined_factors(
+                    layer,
+                    sources,
+                    source_weights,
+                    combination_type,
+                    rank,
+                    svd_clamp,
+                    svd_full_matrices,
+                    svd_driver,
+                    density,
+                    majority_sign_method,
+                )
+                target_A, target_B = layer.lora_factors(adapter_name)
+                target_A.zero_()
+                target_B.zero_()
+                target_A[: new_A.shape[0]] = new_A
+                target_B[:, : new_B.shape[1]] = new_B
+
+    @staticmethod
+    def _combined_factors(
+        layer,
+        sources,
+        weights,
+        combination_type,
+        rank,
+        svd_clamp,
+        svd_full_matrices,
+        svd_driver,
+        density,
+        majority_sign_method,
+    ):
+        if combination_type in merging.SVD_COMBINATION_TYPES:
+            deltas = []
+            for name in sources:
+                lora_A, lora_B = layer.lora_factors(name)
+                delta = lora_B @ lora_A
+                deltas.append((delta.T if layer.delta_is_transposed else delta) * layer.scaling[name])
+            return merging.combine_deltas_svd(
+                deltas,
+                weights,
+                combination_type,
+                rank,
+                svd_clamp=svd_clamp,
+                svd_full_matrices=svd_full_matrices,
+                svd_driver=svd_driver,
+                density=density,
+                majority_sign_method=majority_sign_method,
+                fan_in_fan_out=layer.delta_is_transposed,
+            )
+        factors = [layer.lora_factors(name) for name in sources]
+        return merging.combine_factors(
+            [lora_A for lora_A, _ in factors],
+            [lora_B for _, lora_B in factors],
+            [layer.scaling[name] for name in sources],
+            weights,
+            combination_type,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
 
     # ------------------------------------------------------------------ mixed batches
     @contextmanager
