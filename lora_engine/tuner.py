@@ -7,7 +7,6 @@ model-wide operation (activate, disable, delete, merge, unload) is a loop over t
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_engine import merging
 from lora_engine.config import LoraConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.dense import LoraLinear
@@ -25,6 +23,7 @@ from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
+from lora_engine.weighted import add_weighted_adapter
 
 AdapterWrapper = LoraLayer | ModulesToSaveWrapper
 
@@ -48,19 +47,6 @@ def _replace(model: nn.Module, module_name: str, new_module: nn.Module) -> None:
     parent_name, _, child_name = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, new_module)
-
-
-def _union_of_targets(adapters: list[str], configs: list[LoraConfig]) -> str | set[str]:
-    """The new adapter's ``target_modules``: the union of the sources' sets, or their regexes or-ed together."""
-    kinds = {type(config.target_modules) for config in configs}
-    if len(kinds) > 1:
-        raise ValueError(
-            f"all adapter configs should follow the same target modules type; {adapters} mix a str (regex) "
-            "target_modules with a list/set, which add_weighted_adapter does not support"
-        )
-    if isinstance(configs[0].target_modules, str):
-        return "|".join(f"({config.target_modules})" for config in configs)
-    return set().union(*(config.target_modules for config in configs))
 
 
 def _forget_quantization(model: nn.Module) -> None:
@@ -120,20 +106,19 @@ class LoraModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name or delete it first")
-        existing = [name for name, _ in self.named_adapter_wrappers()]
         self.peft_config[adapter_name] = config
         created: list[tuple[str, nn.Module]] = []
         try:
             self._add_modules_to_save(adapter_name, config, created)
-            existing = [name for name, _ in self.named_adapter_wrappers()]
-            for module_name in find_targets(self.model, config, skip_within=existing):
+            wrapped = [name for name, _ in self.named_adapter_wrappers()]
+            for module_name in find_targets(self.model, config, skip_within=wrapped):
                 self._add_lora(module_name, adapter_name, config, created)
         except Exception:
             self._roll_back(adapter_name, created)
             raise
         if autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
-        self._refresh_trainable()
+        self._mark_only_adapters_trainable()
 
     def _add_lora(self, module_name: str, adapter_name: str, config: LoraConfig, created: list) -> None:
         module = self.model.get_submodule(module_name)
@@ -188,17 +173,13 @@ class LoraModel(nn.Module):
                 if param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()
 
-    def _refresh_trainable(self, inference_mode: bool | None = None) -> None:
-        """Only the active adapters (and the biases their ``bias`` setting names) require grad."""
+    def _mark_only_adapters_trainable(self) -> None:
+        """After an injection, as peft does: every base parameter is frozen except the biases the active
+        adapters' ``bias`` setting trains; then the active adapters are made trainable (unless their config
+        says ``inference_mode``) and all others frozen."""
         for param in self.model.parameters():
             param.requires_grad_(False)
-        active = [name for name in self.active_adapters if name in self.peft_config]
-        if inference_mode is None:
-            inference_mode = any(self.peft_config[name].inference_mode for name in active)
-        for _, wrapper in self.named_adapter_wrappers():
-            wrapper.set_adapter(active, inference_mode=inference_mode)
-        if inference_mode:
-            return
+        active = self.active_adapters
         for name in active:
             bias = self.peft_config[name].bias
             if bias == "all":
@@ -209,6 +190,13 @@ class LoraModel(nn.Module):
                 for _, layer in self.lora_layers():
                     if name in layer.r and getattr(layer.base_layer, "bias", None) is not None:
                         layer.base_layer.bias.requires_grad_(True)
+        inference_mode = any(self.peft_config[name].inference_mode for name in active)
+        self._activate(active, inference_mode)
+
+    def _activate(self, adapter_names: list[str], inference_mode: bool) -> None:
+        """``adapter_names`` become the active adapters of every wrapper, trainable unless ``inference_mode``."""
+        for _, wrapper in self.named_adapter_wrappers():
+            wrapper.set_adapter(adapter_names, inference_mode=inference_mode)
 
     # ------------------------------------------------------------------ registry
     def _check_known(self, adapter_names: list[str]) -> None:
@@ -227,12 +215,11 @@ class LoraModel(nn.Module):
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
                 layer.unmerge()
         self.active_adapter = adapter_name
-        self._refresh_trainable(inference_mode)
+        self._activate(names, inference_mode)
 
     def enable_adapter_layers(self) -> None:
         for _, wrapper in self.named_adapter_wrappers():
             wrapper.enable_adapters(True)
-        self._refresh_trainable()
 
     def disable_adapter_layers(self) -> None:
         for name in self.active_adapters:
@@ -269,7 +256,7 @@ class LoraModel(nn.Module):
                 f"Deleted the active adapter {adapter_name!r}; the active adapter is now {new_active}"
             )
         self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
-        self._refresh_trainable()
+        self._activate(new_active, inference_mode=False)
 
     # ------------------------------------------------------------------ combining adapters
     def add_weighted_adapter(
@@ -285,101 +272,17 @@ class LoraModel(nn.Module):
         density: float | None = None,
         majority_sign_method: str = "total",
     ) -> None:
-        """Add ``adapter_name``, the weighted combination of ``adapters`` (peft 0.21.2's semantics and errors).
-
-        The new adapter is added inactive and frozen; ``set_adapter`` activates it. Its scaling is exactly 1
-        (``lora_alpha = r``, ``use_rslora=False``), so ``B A`` is the whole combined delta — also for sources
-        trained with rslora, where peft over-scales by ``√r`` (huggingface/peft#3761). An existing
-        ``adapter_name`` is left as it is, as in peft. The math is in ``lora_engine.merging``.
-        """
-        if adapter_name in self.peft_config:
-            return
-        self._check_known(list(adapters))
-        for _, wrapper in self.named_adapter_wrappers():
-            if (
-                isinstance(wrapper, ModulesToSaveWrapper)
-                and sum(a in wrapper.modules_to_save for a in adapters) > 1
-            ):
-                raise ValueError(
-                    "Cannot add weighted adapters if they target the same module with modules_to_save "
-                    f"({wrapper.original_module.__class__.__name__} is saved by several of {adapters})"
-                )
-        combination_type = merging.resolve_combination_type(combination_type, len(adapters))
-        configs = [self.peft_config[name] for name in adapters]
-        ranks = [max([config.r, *config.rank_pattern.values()]) for config in configs]
-        rank = merging.new_rank(ranks, combination_type, svd_rank)
-        config = dataclasses.replace(
-            configs[0],
-            r=rank,
-            lora_alpha=rank,
-            use_rslora=False,
-            target_modules=_union_of_targets(adapters, configs),
-            rank_pattern={},
-            alpha_pattern={},
-        )
-        self.inject_adapter(adapter_name, config)
-        with torch.no_grad():
-            for _, layer in self.lora_layers():
-                if adapter_name not in layer.r:
-                    continue
-                sources = [name for name in adapters if name in layer.r]
-                source_weights = [weight for name, weight in zip(adapters, weights) if name in layer.r]
-                new_A, new_B = self._combined_factors(
-                    layer,
-                    sources,
-                    source_weights,
-                    combination_type,
-                    rank,
-                    svd_clamp,
-                    svd_full_matrices,
-                    svd_driver,
-                    density,
-                    majority_sign_method,
-                )
-                target_A, target_B = layer.lora_factors(adapter_name)
-                target_A.zero_()
-                target_B.zero_()
-                target_A[: new_A.shape[0]] = new_A
-                target_B[:, : new_B.shape[1]] = new_B
-
-    @staticmethod
-    def _combined_factors(
-        layer,
-        sources,
-        weights,
-        combination_type,
-        rank,
-        svd_clamp,
-        svd_full_matrices,
-        svd_driver,
-        density,
-        majority_sign_method,
-    ):
-        if combination_type in merging.SVD_COMBINATION_TYPES:
-            deltas = []
-            for name in sources:
-                lora_A, lora_B = layer.lora_factors(name)
-                delta = lora_B @ lora_A
-                deltas.append((delta.T if layer.delta_is_transposed else delta) * layer.scaling[name])
-            return merging.combine_deltas_svd(
-                deltas,
-                weights,
-                combination_type,
-                rank,
-                svd_clamp=svd_clamp,
-                svd_full_matrices=svd_full_matrices,
-                svd_driver=svd_driver,
-                density=density,
-                majority_sign_method=majority_sign_method,
-                fan_in_fan_out=layer.delta_is_transposed,
-            )
-        factors = [layer.lora_factors(name) for name in sources]
-        return merging.combine_factors(
-            [lora_A for lora_A, _ in factors],
-            [lora_B for _, lora_B in factors],
-            [layer.scaling[name] for name in sources],
+        """Add ``adapter_name``, the weighted combination of ``adapters``; see ``lora_engine.weighted``."""
+        add_weighted_adapter(
+            self,
+            adapters,
             weights,
-            combination_type,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
             density=density,
             majority_sign_method=majority_sign_method,
         )

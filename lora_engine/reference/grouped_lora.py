@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -14,7 +16,8 @@ def grouped_lora(
 ) -> torch.Tensor:
     """``ops.grouped_lora`` in PyTorch; see its docstring for the contract."""
     batch, in_features = x.shape[0], x.shape[-1]
-    rows = x.to(lora_A.dtype).reshape(batch, -1, in_features)  # [B, T, in]
+    tokens_per_row = math.prod(x.shape[1:-1])
+    rows = x.to(lora_A.dtype).reshape(batch, tokens_per_row, in_features)  # [B, T, in]
     index = row_adapter.clamp(min=0)
     # A base-only row still gathers adapter 0's factors; its zero row scale removes the product.
     row_scale = torch.where(row_adapter >= 0, scaling[index], torch.zeros_like(scaling[index]))

@@ -1,0 +1,71 @@
+"""The ``nf4_dequantize`` op: bitsandbytes' packed 4-bit weight (NF4 or FP4) → the dense weight.
+
+Contract::
+
+    W = nf4_dequantize(packed, quant_state)      # bit-exact with bitsandbytes.functional.dequantize_4bit
+
+- ``packed``: a ``Params4bit``'s ``.data``: two 4-bit code indices per byte, high nibble first, usually
+  ``[ceil(numel / 2), 1]`` uint8; another ``quant_storage`` dtype (bf16, fp32, ...) is read as its bytes.
+  Any device; the result is on the same one.
+- ``quant_state``: its ``bitsandbytes.functional.QuantState``. Read: ``quant_type`` (``"nf4"`` or ``"fp4"``),
+  ``blocksize``, ``absmax`` (fp32, one per block of ``blocksize`` consecutive elements of the row-major
+  flattened weight; blocks cross rows), ``shape``, ``dtype``; when ``nested`` (double quant), ``absmax`` is
+  uint8 and is decoded with ``state2`` (``absmax``, ``code``, ``blocksize``, ``dtype``) plus ``offset``.
+  ``quant_state.code`` is not read: the NF4 and FP4 tables are fixed by the format.
+- Returns a new tensor of shape ``quant_state.shape`` and dtype ``quant_state.dtype`` (fp32, fp16 or bf16).
+  Each element is ``code[index] * absmax[block]`` computed in fp32, then rounded to nearest-even.
+
+Nothing is mutated. No gradient flows (the 4-bit weight is frozen). Raises ``ValueError`` for an unknown
+``quant_type``, or when ``packed`` or ``absmax`` holds fewer entries than ``quant_state.shape`` needs.
+
+Where bitsandbytes' own decodes disagree with one another, this op follows the format and bnb's pure-PyTorch
+decode (``bitsandbytes/backends/default/ops.py``), which it matches bit for bit:
+
+- FP4 index 8 (sign bit set, zero) is +0.0, as in bnb's table; bnb's CUDA kernel and scalar C++ loop give
+  -0.0. Equal in value, so ``torch.equal`` with any bnb decode holds.
+- bnb's ``dequantize_4bit`` returns the result transposed when ``packed.shape[0] == 1`` (a shim for an old
+  layout: a 2-element weight, or 8 elements in fp32 storage); this op always returns ``quant_state.shape``.
+- bnb 0.50's AVX-512 CPU kernel (taken when the last dim is a multiple of 16 and ``blocksize < 2048``) reads
+  ``absmax[row * (cols // blocksize) + col // blocksize]``, the element's block only when
+  ``cols % blocksize == 0``; for other widths (e.g. ``cols=64``, ``blocksize=128``) its output is wrong.
+- On CPUs with AVX512-BF16 that same kernel flushes subnormal bf16 results to zero (``VCVTNEPS2BF16``); this op
+  keeps them. It matters only for blocks whose absmax is below ~1e-36.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+
+from lora_engine import backend
+from lora_engine.reference import nf4_dequantize as reference
+
+
+def _check(packed: torch.Tensor, quant_state) -> None:
+    if quant_state.quant_type not in reference.CODE_TABLES:
+        raise ValueError(
+            f"nf4_dequantize: quant_type {quant_state.quant_type!r} is not a 4-bit type; expected 'nf4' or 'fp4'"
+        )
+    numel = prod(quant_state.shape)
+    packed_bytes = packed.numel() * packed.element_size()
+    if packed_bytes * 2 < numel:
+        raise ValueError(
+            f"nf4_dequantize: packed holds {packed_bytes} bytes ({tuple(packed.shape)} {packed.dtype}), "
+            f"but quant_state.shape {tuple(quant_state.shape)} needs {(numel + 1) // 2}"
+        )
+    blocks = -(-numel // quant_state.blocksize)
+    if quant_state.absmax.numel() < blocks:
+        raise ValueError(
+            f"nf4_dequantize: absmax has {quant_state.absmax.numel()} entries, but shape "
+            f"{tuple(quant_state.shape)} with blocksize {quant_state.blocksize} needs {blocks}"
+        )
+
+
+@torch.no_grad()
+def nf4_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """Packed 4-bit ``packed`` + ``quant_state`` → ``quant_state.shape`` in ``quant_state.dtype``; see the module
+    docstring."""
+    backend.uses_triton("nf4_dequantize", packed.device, has_kernel=False)
+    _check(packed, quant_state)
+    return reference.nf4_dequantize(packed, quant_state)

@@ -1,0 +1,97 @@
+"""Pure-PyTorch decode of bitsandbytes' 4-bit (NF4/FP4) weights: the oracle for a Triton kernel and the CPU path.
+
+The format, as ``bitsandbytes.functional.quantize_4bit`` writes it:
+
+- The weight is flattened row-major and cut into blocks of ``blocksize`` consecutive elements; blocks run across
+  row boundaries, and the last block may be partial. Block ``i`` has one fp32 scale, ``absmax[i]``.
+- Each element is a 4-bit index into a 16-entry code table; two indices per byte, the **high** nibble first.
+  An odd element count leaves the low nibble of the last byte as padding. The bytes may be stored in another
+  ``quant_storage`` dtype; only their bits matter.
+- Element ``j`` decodes to ``code[index_j] * absmax[j // blocksize]``, multiplied in fp32, then rounded
+  (nearest-even) to the weight's dtype.
+- With double quantization (``quant_state.nested``), ``absmax`` is itself stored as uint8 indices into
+  ``state2.code`` (bnb's 8-bit dynamic map) with one fp32 scale per ``state2.blocksize`` entries, and the mean
+  ``offset`` that was subtracted before quantizing it: ``absmax = code2[q] * absmax2[i // blocksize2]``
+  (fp32, cast to ``state2.dtype``), then ``+= offset``, then fp32.
+
+Every product and sum is taken in the same order and dtype as bitsandbytes' own decode, so the result is
+bit-exact with ``bitsandbytes.functional.dequantize_4bit``.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+
+# NF4: the 16 quantiles of N(0, 1) from QLoRA (arXiv:2305.14314), normalised to [-1, 1], in index order.
+_NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+
+# FP4: 1 sign bit (the index's top bit), 2 exponent bits, 1 mantissa bit, in index order; divided in fp32 by the
+# largest magnitude, 12, exactly as bitsandbytes normalises it (so 1/6, 1/3, 2/3 and 1/192 round the same way).
+# Index 8 is +0.0, as in bnb's table (``get_4bit_type("fp4")``, its pure-PyTorch and AVX-512 decodes); bnb's CUDA
+# kernel and scalar C++ loop give -0.0 there, equal in value.
+_FP4_CODE = torch.tensor(
+    [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+    dtype=torch.float32,
+) / torch.tensor(12.0, dtype=torch.float32)
+
+CODE_TABLES = {"nf4": _NF4_CODE, "fp4": _FP4_CODE}
+
+
+def _scaled_by_block(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """fp32 ``values[j] * absmax[j // blocksize]`` over a flat ``values``; the last block may be partial."""
+    numel = values.numel()
+    blocks = -(-numel // blocksize)
+    padded = torch.nn.functional.pad(values, (0, blocks * blocksize - numel))
+    scaled = padded.view(blocks, blocksize) * absmax[:blocks].view(blocks, 1)
+    return scaled.view(-1)[:numel]
+
+
+def block_absmax(quant_state) -> torch.Tensor:
+    """The per-block fp32 scales of a 4-bit ``QuantState``, decoding the nested 8-bit absmax if there is one."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    state2 = quant_state.state2
+    absmax_codes = state2.code.float()[quant_state.absmax.reshape(-1).long()]
+    absmax = _scaled_by_block(absmax_codes, state2.absmax.float(), state2.blocksize).to(state2.dtype)
+    # In place, as bitsandbytes does, so the sum is rounded to state2.dtype before the cast to fp32.
+    absmax += quant_state.offset
+    return absmax.float()
+
+
+def unpack_indices(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` 4-bit code indices in ``packed`` (any storage dtype), high nibble first, as int64."""
+    packed_bytes = packed.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack((packed_bytes >> 4, packed_bytes & 0x0F), dim=-1)
+    return nibbles.view(-1)[:numel].long()
+
+
+def nf4_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """``ops.nf4_dequantize`` in PyTorch; see its docstring for the contract."""
+    shape = tuple(quant_state.shape)
+    numel = prod(shape)
+    code = CODE_TABLES[quant_state.quant_type].to(packed.device)
+    values = code[unpack_indices(packed, numel)]
+    weight = _scaled_by_block(values, block_absmax(quant_state), quant_state.blocksize)
+    return weight.view(shape).to(quant_state.dtype)
