@@ -49,6 +49,14 @@ def _replace(model: nn.Module, module_name: str, new_module: nn.Module) -> None:
     setattr(parent, child_name, new_module)
 
 
+def _dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's unquantized floating-point weights (its embeddings, norms, head)."""
+    for param in model.parameters():
+        if param.dtype.is_floating_point and type(param) is nn.Parameter:
+            return param.dtype
+    return torch.float32
+
+
 def _forget_quantization(model: nn.Module) -> None:
     """Mark a transformers model whose quantized layers were all made dense as a plain model again."""
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
@@ -371,12 +379,13 @@ class LoraModel(nn.Module):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         """Export a dense model: every bitsandbytes layer becomes an ``nn.Linear`` holding its dequantized
-        weight plus the merged LoRA deltas, computed in fp32 and cast once to ``dtype`` (default: each layer's
-        compute dtype). Unlike ``merge_and_unload`` on a 4-bit base, nothing is requantized, so no rounding
+        weight plus the merged LoRA deltas, computed in fp32 and cast once to ``dtype`` (default: the dtype of
+        the model's unquantized weights, so the exported layers fit the rest of the model). Unlike ``merge_and_unload`` on a 4-bit base, nothing is requantized, so no rounding
         error is added. Returns the transformers model, no longer quantized.
         """
         from lora_engine.layers.bnb import dequantize_bnb_linear, is_bnb_linear
 
+        dtype = dtype or _dense_dtype(self.model)
         if safe_merge:
             self._check_finite_merge(adapter_names)
         for module_name, layer in list(self.lora_layers()):
@@ -394,7 +403,7 @@ class LoraModel(nn.Module):
         for module_name, layer in self.lora_layers():
             for name in adapter_names or layer.active_adapters:
                 if name in layer.r and name not in layer.merged_adapters:
-                    merged = layer.base_layer.weight.detach() + layer.get_delta_weight(name)
+                    merged = layer.dense_weight() + layer.get_delta_weight(name)
                     if not torch.isfinite(merged).all():
                         raise ValueError(
                             f"NaNs detected in the merged weights. The adapter {name!r} seems to be broken: "

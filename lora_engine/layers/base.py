@@ -200,6 +200,10 @@ class LoraLayer(nn.Module):
             check_finite=check_finite,
         )
 
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense tensor that ``get_delta_weight`` can be added to (no copy here)."""
+        return self.base_layer.weight.detach()
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s · B A`` of ``adapter_name``, shaped and typed like the base weight."""
         lora_A, lora_B = self.lora_factors(adapter_name)

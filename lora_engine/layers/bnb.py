@@ -1,0 +1,224 @@
+"""LoRA around bitsandbytes' quantized linear layers (QLoRA): ``Linear4bit`` (NF4/FP4) and ``Linear8bitLt``.
+
+``y = base(x) + Σ_active s_a · (drop_a(x) A_aᵀ) B_aᵀ``: the frozen base runs bitsandbytes' own matmul on the
+quantized weight, the adapters are dense ``lora_A[a]`` / ``lora_B[a]`` (``nn.Linear``, so state-dict keys
+match peft's) and run through ``ops.lora_linear`` with no base weight.
+
+Merging cannot add ``s · B A`` in place into a quantized weight: it dequantizes the weight, adds the delta in
+fp32 and quantizes the sum again in the layer's own format (peft's recipe, so merged models equal peft's).
+The new quantization rounds, so a merged 4-bit model is not the unmerged one; ``to_dense`` and
+``dequantize_bnb_linear`` export an ``nn.Linear`` instead, which keeps the merged weight unrounded.
+
+Imports bitsandbytes, so ``tuner`` imports this module only when a model holds bitsandbytes layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+from torch import nn
+
+from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.dense import LoraLinear
+from lora_engine.ops.lora_linear import lora_linear
+from lora_engine.ops.lora_merge import lora_delta
+from lora_engine.ops.nf4_dequantize import nf4_dequantize
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """True for the bitsandbytes layers lora_engine wraps: ``Linear4bit`` (or subclass), ``Linear8bitLt``."""
+    return isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+
+
+def wrap_bnb_linear(module_name: str, module: nn.Module) -> LoraLayer:
+    """The LoRA wrapper of a bitsandbytes layer; ``ValueError`` for any other bitsandbytes module."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        return LoraLinear4bit(module)
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return LoraLinear8bit(module)
+    raise ValueError(
+        f"Target module {module_name!r} is a bitsandbytes {type(module).__name__}; lora_engine supports LoRA "
+        "on bitsandbytes Linear4bit and Linear8bitLt"
+    )
+
+
+def dequantize_bnb_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``module``'s dequantized weight in ``dtype``, bias copied.
+
+    ``dtype`` None means the 4-bit layer's compute dtype (fp32 if it has none), or fp32 for 8-bit. For
+    exporting a quantized model as a plain one: the weight is decoded once and never quantized again.
+    """
+    return _dense_linear(module, dequantized_weight(module), dtype)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The logical weight ``[out, in]`` of a bitsandbytes linear layer: fp32, on its device, a new tensor."""
+    if isinstance(module, bnb.nn.Linear4bit):
+        packed_weight, quant_state = _portable_4bit(module.weight)
+        return nf4_dequantize(packed_weight, quant_state).float()
+    weight = module.weight
+    if weight.dtype != torch.int8:  # has_fp16_weights: the weight is kept in floating point
+        return weight.detach().to(torch.float32, copy=True)
+    # Before the first forward the row scales live on the weight, after it on the layer's state.
+    row_scales = module.state.SCB if module.state.SCB is not None else weight.SCB
+    return bnb.functional.int8_vectorwise_dequant(weight.data, row_scales.to(weight.device))
+
+
+def _portable_4bit(weight: bnb.nn.Params4bit) -> tuple[torch.Tensor, bnb.functional.QuantState]:
+    """``(packed weight, quant state)`` in bitsandbytes' portable layout, which ``dequantize_4bit`` reads.
+
+    On CPUs with AVX512-BF16, a no-grad eval forward of ``Linear4bit`` repacks its weight in place into a
+    CPU-only layout: nibbles reordered, absmax decoded from double quantization, transposed to
+    ``[blocks per row, rows]`` and rounded to bf16. ``dequantize_4bit`` reads that layout as garbage. This
+    returns the portable layout without touching the layer: bnb's own inverse for the nibbles, and the bf16
+    absmax back in row order as plain fp32 (bnb's inverse would double-quantize it again, rounding twice).
+    """
+    quant_state = weight.quant_state
+    if not getattr(quant_state, "packing_format_for_cpu", False):
+        return weight.data, quant_state
+    quant_state = copy.deepcopy(quant_state)
+    absmax = quant_state.absmax.T.reshape(-1).float()
+    quant_state.original_nested = False
+    packed_weight, quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
+    quant_state.absmax = absmax
+    return packed_weight, quant_state
+
+
+def _dense_linear(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None) -> nn.Linear:
+    """A frozen ``nn.Linear`` shaped like ``module``: ``weight`` (fp32 ``[out, in]``) cast to ``dtype``."""
+    if dtype is None:
+        dtype = getattr(module, "compute_dtype", None) or torch.float32
+    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if module.bias is not None:
+        bias = module.bias.detach().to(device=weight.device, dtype=dtype, copy=True)
+        dense.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
+    return dense
+
+
+class _BnbLoraLinear(LoraLinear):
+    """What the 4-bit and 8-bit wrappers share: forward, merge through requantization, dense export.
+
+    The factors, their init and their state-dict keys are ``LoraLinear``'s. ``in_features`` / ``out_features``
+    are the bitsandbytes layer's: a packed 4-bit weight's shape is not the logical one.
+    """
+
+    #: Bits of the quantized weight, for messages.
+    bits: int
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``x [..., in]`` → ``[..., out]`` in the dtype of the base layer's output.
+
+        As in peft, outside CUDA autocast each low-rank term (computed in the adapters' dtype) is cast to the
+        base output's dtype before the add; under CUDA autocast it is added as it comes (torch's promotion).
+        No defensive ``clone`` of the base output, as peft's 4-bit layer has: nothing here writes into it.
+        A mixed-adapter batch (``self.routing``) runs ``LoraLinear``'s grouped path on top of the base output.
+        """
+        if self.routing is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        active = self._adapters_to_run()  # first: it unmerges a merged base when adapters are disabled
+        result = self.base_layer(x, *args, **kwargs)
+        # peft's exact test: it reads CUDA autocast only, so CPU autocast still casts.
+        cast_to_result = not torch.is_autocast_enabled()
+        for name in active:
+            lora_A, lora_B = self.lora_factors(name)
+            dropout_p = self.lora_dropout_p[name] if self.training else 0.0
+            delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
+            result = result + (delta.to(result.dtype) if cast_to_result else delta)
+        return result
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized base weight, ``[out, in]`` fp32."""
+        return dequantized_weight(self.base_layer)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s · B A`` of ``adapter_name``, ``[out, in]``, fp32: a quantized weight has no dtype to match."""
+        lora_A, lora_B = self.lora_factors(adapter_name)
+        return lora_delta(lora_A, lora_B, self.scaling[adapter_name], fan_in_fan_out=False)
+
+    @torch.no_grad()
+    def _apply_delta(self, adapter_name: str, subtract: bool, check_finite: bool) -> None:
+        """Dequantize, add (or subtract) ``s · B A`` in fp32, quantize again; replaces ``base_layer.weight``.
+
+        Not exact: the requantization rounds, and unmerging does not undo it. With ``check_finite``, NaN or
+        Inf in the sum raises ``FloatingPointError`` before the base layer is touched.
+        """
+        warnings.warn(
+            f"{'Unmerge' if subtract else 'Merge'} lora module to {self.bits}-bit linear may get different "
+            "generations due to rounding errors. merge_and_unload_dequantized exports the merged model "
+            "without requantizing it.",
+            stacklevel=3,
+        )
+        delta = self.get_delta_weight(adapter_name)
+        weight = self.dense_weight()
+        merged = weight - delta if subtract else weight + delta
+        if check_finite and not torch.isfinite(merged).all():
+            raise FloatingPointError("the merged weight would hold NaN or Inf")
+        self._requantize(merged)
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        """Quantize the fp32 ``weight [out, in]`` in the base layer's format and make it the base weight."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_dense(self, adapter_names: list[str], dtype: torch.dtype | None = None) -> nn.Linear:
+        """An ``nn.Linear`` holding the dequantized base weight plus ``s · B A`` of ``adapter_names``.
+
+        The sum is formed in fp32 and cast once to ``dtype`` (None: the 4-bit layer's compute dtype, fp32 for
+        8-bit); adapters already merged into the quantized weight are not added again. Nothing is quantized
+        again, so unlike a merge into the quantized weight this adds no rounding error beyond the cast. The
+        wrapper is left as it was.
+        """
+        weight = self.dense_weight()
+        for name in adapter_names:
+            if name not in self.merged_adapters:
+                weight = weight + self.get_delta_weight(name)
+        return _dense_linear(self.base_layer, weight, dtype)
+
+
+class LoraLinear4bit(_BnbLoraLinear):
+    """LoRA wrapper of a bitsandbytes ``Linear4bit`` (NF4 or FP4, with or without double quantization)."""
+
+    bits = 4
+
+    def _move_adapter_to_base(self, adapter_name: str) -> None:
+        # peft's rule: the factors take the layer's compute dtype (the weight itself is packed uint8).
+        device, dtype = self.base_layer.weight.device, self.base_layer.compute_dtype
+        for param in self.adapter_parameters(adapter_name):
+            param.data = param.data.to(device=device, dtype=dtype or param.dtype)
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        old = self.base_layer.weight
+        new = bnb.nn.Params4bit(
+            weight,
+            requires_grad=False,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=self.base_layer,
+        )
+        # Moving an unquantized Params4bit to a device quantizes it there (and sets the module's quant_state).
+        self.base_layer.weight = new.to(old.device)
+
+
+class LoraLinear8bit(_BnbLoraLinear):
+    """LoRA wrapper of a bitsandbytes ``Linear8bitLt`` (LLM.int8()); the factors stay in fp32, as in peft."""
+
+    bits = 8
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        old = self.base_layer.weight
+        new = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights)
+        # Int8Params quantizes only when its data is moved from the CPU (to any device), hence the trip.
+        self.base_layer.weight = new.to(old.device)
+        # The state still holds the old int8 weight and scales; the next forward takes the new ones.
+        self.base_layer.state.reset_grads()
