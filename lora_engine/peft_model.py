@@ -4,12 +4,14 @@
 state-dict keys start with ``base_model.model.`` as in peft. ``PeftModel`` subclasses transformers'
 ``PreTrainedModel`` only so that the stock ``Trainer`` treats it as a model of its own kind (calls our
 ``save_pretrained``); it never runs ``PreTrainedModel.__init__``, and the attributes the Trainer and
-``generate`` read are taken from the wrapped model.
+``generate`` read are taken from the wrapped model. ``integrations/trainer.py`` says how Trainer checkpoints are
+resumed and reloaded.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import re
 import warnings
@@ -21,6 +23,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
+from lora_engine.integrations.trainer import (
+    frozen_state_keys,
+    is_trainer_checkpoint_save,
+    save_trainable_weights,
+)
 from lora_engine.serialization import (
     adapter_folder,
     check_adapter_name,
@@ -113,6 +120,31 @@ class PeftModel(PreTrainedModel):
                 raise
             return getattr(self.base_model, name)
 
+    # ------------------------------------------------------------------ what the Trainer reads
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the Trainer passes ``num_items_in_batch`` to ``forward`` (and then does not divide the loss by
+        the gradient-accumulation steps): decided from the wrapped model, as the Trainer does for peft."""
+        base = self.get_base_model()
+        if hasattr(base, "accepts_loss_kwargs"):
+            return base.accepts_loss_kwargs
+        parameters = inspect.signature(base.forward).parameters.values()
+        return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        # Trainer checkpoints hold only the trainable tensors; when the keys missing after reloading one are exactly
+        # these, the Trainer calls tie_weights() instead of warning about every frozen tensor.
+        return frozen_state_keys(self)
+
+    def _get_name(self) -> str:
+        # The Trainer's label smoothing shifts labels only when this is a causal-LM class name.
+        return self.get_base_model()._get_name()
+
+    def __repr__(self) -> str:
+        # nn.Module's printout starts with _get_name(); keep this class's name there, as peft does.
+        return type(self).__name__ + super().__repr__().removeprefix(self._get_name())
+
     def _add_task_modules_to_save(self, config: LoraConfig) -> None:
         if not self.task_modules_to_save:
             return
@@ -193,12 +225,19 @@ class PeftModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts, counting each parameter once."""
+        """``(trainable, all)`` parameter counts, counting each parameter once.
+
+        A bitsandbytes 4-bit weight packs two values per byte of its storage dtype, so it counts
+        ``numel · 2 · itemsize`` logical parameters, as in peft.
+        """
         trainable = total = 0
         for param in self.parameters():
-            total += param.numel()
+            count = param.numel()
+            if type(param).__name__ == "Params4bit":  # by name: bitsandbytes is not imported for dense models
+                count *= 2 * param.element_size()
+            total += count
             if param.requires_grad:
-                trainable += param.numel()
+                trainable += count
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -223,7 +262,9 @@ class PeftModel(PreTrainedModel):
 
         ``default`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``. Every name is
         checked before anything is written; each file is written atomically. ``state_dict=`` (passed by the
-        Trainer under DeepSpeed/FSDP) supplies the values. Only the main process writes.
+        Trainer under DeepSpeed/FSDP) supplies the values. Only the main process writes. A Trainer checkpoint
+        folder also gets ``model.safetensors`` with the trainable tensors, for resuming and best-model reloading
+        (``integrations/trainer.py``).
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; it must be a folder")
@@ -260,6 +301,8 @@ class PeftModel(PreTrainedModel):
                     "parent_library": base_class.__module__,
                 }
             config.save_pretrained(folder)
+        if is_trainer_checkpoint_save(save_directory, kwargs):
+            save_trainable_weights(self, save_directory, kwargs["state_dict"])
 
     @classmethod
     def from_pretrained(

@@ -5,6 +5,7 @@ import torch
 
 import lora_engine
 from lora_engine import backend
+from lora_engine.ops.grouped_lora import grouped_lora
 from lora_engine.ops.lora_linear import lora_linear
 from lora_engine.ops.lora_merge import lora_merge
 
@@ -59,14 +60,24 @@ def test_auto_on_cpu_runs_the_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("interpret", ["0", "1"])
-def test_triton_without_a_kernel_raises_naming_the_op(monkeypatch, interpret):
+def test_triton_for_an_op_without_a_kernel_raises_naming_the_op(monkeypatch, interpret):
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
-    with pytest.raises(RuntimeError, match="'lora_linear' has no Triton kernel"):
-        lora_linear(*_linear_args())
-    weight, lora_A, lora_B = torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2)
-    with pytest.raises(RuntimeError, match="'lora_merge' has no Triton kernel"):
-        lora_merge(weight, lora_A, lora_B, 1.0)
+    x, lora_A, lora_B = torch.randn(2, 3, 5), torch.randn(1, 2, 5), torch.randn(1, 4, 2)
+    with pytest.raises(RuntimeError, match="'grouped_lora' has no Triton kernel"):
+        grouped_lora(x, torch.zeros(2, dtype=torch.long), lora_A, lora_B, torch.ones(1))
+
+
+@pytest.mark.parametrize("run_op", [lambda: lora_linear(*_linear_args()), lambda: lora_merge(*_merge_args())])
+def test_triton_for_cpu_tensors_without_the_interpreter_raises_instead_of_falling_back(monkeypatch, run_op):
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        run_op()
+
+
+def _merge_args():
+    return torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2), 1.0
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_says_why(monkeypatch):

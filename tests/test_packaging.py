@@ -33,6 +33,33 @@ def test_wheel_holds_exactly_one_top_level_package_lora_engine(tmp_path):
     assert "lora_engine/reference/lora_linear.py" in names
 
 
+def test_wheel_holds_every_module_of_the_source_tree(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO_ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("lora_engine-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {path.relative_to(REPO_ROOT).as_posix() for path in (REPO_ROOT / "lora_engine").rglob("*.py")}
+    sources |= {
+        "lora_engine/" + path.relative_to(REPO_ROOT).as_posix()
+        for path in (REPO_ROOT / "kernels").rglob("*.py")
+    }
+    assert sources - names == set()
+
+
 def test_importing_models_and_bitsandbytes_leaves_no_top_level_kernels(tmp_path):
     probe = (
         "import importlib.util, sys\n"

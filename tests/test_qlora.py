@@ -454,3 +454,11 @@ def test_dequantize_reads_weights_bnb_repacked_for_cpu(load, tokens, double_quan
     for layer, weight in zip(layers, before):
         # The repacking rounds each block's absmax to bf16 (8 significant bits), no more.
         torch.testing.assert_close(dequantized_weight(layer.base_layer), weight, rtol=2**-8, atol=1e-7)
+
+
+def test_parameter_counts_equal_peft_on_a_4bit_base(load):
+    ours = lora_engine.get_peft_model(
+        load(), lora_engine.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()

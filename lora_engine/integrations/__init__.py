@@ -1,0 +1,1 @@
+"""Touch points with other libraries' training loops (transformers' ``Trainer``); none imports them."""
