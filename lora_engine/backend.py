@@ -10,6 +10,7 @@ The setting comes from ``set_backend()`` if it was called, else from the environ
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -40,6 +41,12 @@ def set_backend(name: str | None) -> None:
     _override = None if name is None else _checked(name, "set_backend")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # Asked on every op call: the answer cannot change while the process runs.
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -54,7 +61,7 @@ def uses_triton(op_name: str, device: torch.device, has_kernel: bool) -> bool:
     backend = get_backend()
     if backend == "reference":
         return False
-    triton_installed = importlib.util.find_spec("triton") is not None
+    triton_installed = _triton_installed()
     runnable = device.type == "cuda" or _triton_interpreted()
     if backend == "auto":
         return has_kernel and triton_installed and device.type == "cuda"

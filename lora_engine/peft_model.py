@@ -65,6 +65,10 @@ class PeftModel(PreTrainedModel):
     # Modules a task head adds to ``modules_to_save`` (peft does the same per task class).
     task_modules_to_save: tuple[str, ...] = ()
 
+    # transformers' marker of a model with adapters: the Trainer then accepts a quantized base
+    # (validate_quantization_for_training), and enabling checkpointing makes the inputs require grad.
+    _hf_peft_config_loaded = True
+
     # Attributes the Trainer and generate read, which PreTrainedModel would otherwise answer for itself.
     get_input_embeddings = _FromWrappedModel()
     get_output_embeddings = _FromWrappedModel()

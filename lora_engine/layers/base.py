@@ -18,6 +18,11 @@ from lora_engine.layers.routing import AdapterRouting
 from lora_engine.ops.lora_merge import lora_delta, lora_merge
 
 
+def _versions(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+    """What identifies the current values of the factors: the tensors and their in-place update counters."""
+    return tuple((id(tensor), tensor._version) for pair in factors for tensor in pair)
+
+
 class LoraLayer(nn.Module):
     """Base of the LoRA wrappers: ``forward`` is the subclass's, the adapter bookkeeping is here."""
 
@@ -38,6 +43,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.routing: AdapterRouting | None = None  # set by LoraModel for the length of a mixed-batch forward
+        self._stacks_cache: dict[tuple[str, ...], tuple] = {}
 
     # ----------------------------------------------------------------- registry
     @property
@@ -84,6 +90,8 @@ class LoraLayer(nn.Module):
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
         self._create_factors(adapter_name, r, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
+        for param in self.adapter_parameters(adapter_name):
+            param.requires_grad_(False)  # trainable only once activated
 
     def _create_factors(self, adapter_name: str, r: int, init_lora_weights) -> None:
         raise NotImplementedError
@@ -125,9 +133,13 @@ class LoraLayer(nn.Module):
         return keys
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        """Activate ``adapter_names``; they become trainable unless ``inference_mode``, all others frozen."""
+        """Activate ``adapter_names``; they become trainable unless ``inference_mode``, all others frozen.
+
+        Only active adapters are ever trainable, so only the previously and the newly active adapters'
+        parameters are touched: switching costs the same however many adapters are loaded.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in self.adapter_names:
+        for name in dict.fromkeys([*self.active_adapters, *names]):
             for param in self.adapter_parameters(name):
                 param.requires_grad_(name in names and not inference_mode)
         self.active_adapters = names
@@ -137,7 +149,7 @@ class LoraLayer(nn.Module):
         if enabled:
             self.set_adapter(self.active_adapters)
         else:
-            for name in self.adapter_names:
+            for name in self.active_adapters:
                 for param in self.adapter_parameters(name):
                     param.requires_grad_(False)
         self.disable_adapters = not enabled
@@ -216,12 +228,21 @@ class LoraLayer(nn.Module):
         """The routed adapters this layer holds, stacked for ``grouped_lora``, or None if it holds none.
 
         Returns ``(row_adapter [B], lora_A [n, r_max, in], lora_B [n, out, r_max], scaling [n])``; factors of
-        smaller ranks are zero-padded, which leaves ``B A`` unchanged.
+        smaller ranks are zero-padded, which leaves ``B A`` unchanged. Without autograd (inference, generate)
+        the stacks are cached until the set of adapters or any of their factors changes.
         """
         held = [name for name in routing.names if name in self.r]
         if not held:
             return None
         factors = [self.lora_factors(name) for name in held]
+        stacks = self._stacks_cache.get(tuple(held)) if not torch.is_grad_enabled() else None
+        if stacks is None or stacks[0] != _versions(factors):
+            stacks = (_versions(factors), *self._stack(held, factors, device))
+            if not torch.is_grad_enabled():
+                self._stacks_cache = {tuple(held): stacks}
+        return routing.rows_for(held, device), *stacks[1:]
+
+    def _stack(self, held: list[str], factors: list, device: torch.device):
         rank = max(lora_A.shape[0] for lora_A, _ in factors)
         lora_A = factors[0][0].new_zeros(len(held), rank, self.in_features)
         lora_B = factors[0][1].new_zeros(len(held), self.out_features, rank)
@@ -229,7 +250,7 @@ class LoraLayer(nn.Module):
             lora_A[index, : factor_A.shape[0]] = factor_A
             lora_B[index, :, : factor_B.shape[1]] = factor_B
         scaling = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32, device=device)
-        return routing.rows_for(held, device), lora_A, lora_B, scaling
+        return lora_A, lora_B, scaling
 
     def _adapters_to_run(self) -> list[str]:
         """The adapters a forward adds on top of the base layer's output.

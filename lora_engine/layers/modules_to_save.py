@@ -46,8 +46,10 @@ class ModulesToSaveWrapper(nn.Module):
             raise ValueError(
                 f"modules_to_save can have only one active adapter, but {mine} were asked to be active"
             )
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name in mine and not inference_mode)
+        # Only the active copy is ever trainable: touch the previous and the new one only.
+        for name in dict.fromkeys([self.active_adapter, *mine]):
+            if name is not None:
+                self.modules_to_save[name].requires_grad_(name in mine and not inference_mode)
         self.active_adapter = mine[0] if mine else None
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -59,7 +61,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 

@@ -18,10 +18,17 @@ def dropout_keep_mask(shape: torch.Size, p: float, seed: int, device: torch.devi
     return torch.rand(shape, generator=generator, device=device) >= p
 
 
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _dropout_multiplier(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device, p: float, seed: int
+) -> torch.Tensor | None:
+    """Inverted dropout's per-element multiplier (0, or ``1 / (1 - p)``), or None when ``p == 0``."""
     if p == 0.0:
-        return x
-    return x * dropout_keep_mask(x.shape, p, seed, x.device) * (1.0 / (1.0 - p))
+        return None
+    return dropout_keep_mask(shape, p, seed, device).to(dtype) * (1.0 / (1.0 - p))
+
+
+def _dropped(x: torch.Tensor, multiplier: torch.Tensor | None) -> torch.Tensor:
+    return x if multiplier is None else x * multiplier
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
@@ -45,7 +52,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
-        x_lora = _dropped(x.to(lora_A.dtype), dropout_p, seed)
+        multiplier = _dropout_multiplier(x.shape, lora_A.dtype, x.device, dropout_p, seed)
+        x_lora = _dropped(x.to(lora_A.dtype), multiplier)
         lora_hidden = F.linear(x_lora, lora_A)  # [..., r]
         delta = F.linear(lora_hidden, lora_B) * scaling
         if weight is None:
@@ -72,16 +80,15 @@ class LoraLinearFunction(torch.autograd.Function):
         # The low-rank path runs in the adapter dtype, as in forward.
         grad_delta = grad_flat.to(lora_B.dtype) * ctx.scaling  # [N, out]
         grad_hidden = grad_delta @ lora_B  # [N, r]
+        # The mask is regenerated once, for x's shape, and serves both dA and dx.
+        multiplier = _dropout_multiplier(x.shape, lora_A.dtype, x.device, ctx.dropout_p, ctx.seed)
         if need_b_lora:
             grad_B = grad_delta.T @ lora_hidden.reshape(-1, rank).to(lora_B.dtype)
         if need_a:
-            x_lora = _dropped(x.to(lora_A.dtype), ctx.dropout_p, ctx.seed).reshape(-1, in_features)
+            x_lora = _dropped(x.to(lora_A.dtype), multiplier).reshape(-1, in_features)
             grad_A = grad_hidden.T.to(lora_A.dtype) @ x_lora
         if need_x:
-            # The mask is drawn for x's shape, so regenerate it in that shape.
-            grad_x = _dropped(
-                (grad_hidden.to(lora_A.dtype) @ lora_A).reshape(x.shape), ctx.dropout_p, ctx.seed
-            )
+            grad_x = _dropped((grad_hidden.to(lora_A.dtype) @ lora_A).reshape(x.shape), multiplier)
             if weight is not None:
                 base_weight = weight.T if ctx.fan_in_fan_out else weight
                 grad_x = grad_x + (grad_flat.to(weight.dtype) @ base_weight).reshape(x.shape)
