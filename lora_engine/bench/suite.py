@@ -1,0 +1,272 @@
+"""Which cases run: the list of cases of each workload family, built from the ``Shapes`` of a (device, mode)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from lora_engine.bench import layer_workloads, model_workloads
+from lora_engine.bench.case import IMPLS, Case
+from lora_engine.bench.shapes import MODES, SHAPES, Shapes
+
+__all__ = ["DROPOUT", "FAMILIES", "MODES", "cases"]
+
+FAMILIES = ("lora_linear", "qlora", "decode", "train_step", "mixed_batch", "merge", "adapters")
+DROPOUT = 0.1
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def cases(device: str, mode: str, families: tuple[str, ...] = FAMILIES) -> list[Case]:
+    """Every case of ``families`` for ``device`` (``"cpu"`` or ``"cuda"``) in ``mode``."""
+    shapes = SHAPES[(device, mode)]
+    makers = {
+        "lora_linear": _lora_linear,
+        "qlora": _qlora,
+        "decode": _decode,
+        "train_step": _train_step,
+        "mixed_batch": _mixed_batch,
+        "merge": _merge,
+        "adapters": _adapters,
+    }
+    unknown = sorted(set(families) - set(makers))
+    if unknown:
+        raise ValueError(f"unknown benchmark families {unknown}; choose from {', '.join(FAMILIES)}")
+    return [case for family in families for case in makers[family](shapes)]
+
+
+def _dtype_name(shapes: Shapes, adapters_follow: bool = True) -> str:
+    name = DTYPE_NAMES[shapes.dtype]
+    if shapes.dtype != torch.float32 and adapters_follow and shapes.adapter_autocast:
+        name += " (A, B fp32)"
+    return name
+
+
+def _layer_case(
+    shapes, family, workload, label, *, base, layer, tokens, r, dropout, training, sweep, impls=IMPLS
+):
+    in_features, out_features = layer
+    params = dict(
+        base=base,
+        in_features=in_features,
+        out_features=out_features,
+        tokens=tokens,
+        r=r,
+        dropout=dropout,
+        dtype=shapes.dtype,
+        training=training,
+        adapter_autocast=shapes.adapter_autocast,
+    )
+    return Case(
+        family=family,
+        workload=workload,
+        label=label,
+        build=layer_workloads.lora_layer,
+        params=params,
+        shape=f"N={tokens} {in_features}->{out_features} r={r}",
+        dtype=_dtype_name(shapes),
+        sweep=sweep,
+        impls=impls,
+        deterministic=dropout == 0.0,
+    )
+
+
+def _lora_linear(shapes: Shapes) -> list[Case]:
+    common = dict(base="dense", layer=shapes.layer, r=shapes.rank)
+    rank_tokens = shapes.tokens[-2] if len(shapes.tokens) > 1 else shapes.tokens[0]
+    found = []
+    for tokens in shapes.tokens:
+        at = dict(common, tokens=tokens, sweep=("tokens", tokens))
+        found += [
+            _layer_case(shapes, "lora_linear", "lora_forward", "forward", dropout=0.0, training=False, **at),
+            _layer_case(
+                shapes,
+                "lora_linear",
+                "lora_forward_backward",
+                "forward+backward",
+                dropout=0.0,
+                training=True,
+                impls=(*IMPLS, "base"),
+                **at,
+            ),
+            _layer_case(
+                shapes,
+                "lora_linear",
+                "lora_forward_backward",
+                f"forward+backward, dropout {DROPOUT}",
+                dropout=DROPOUT,
+                training=True,
+                **at,
+            ),
+        ]
+    found += [
+        _layer_case(
+            shapes,
+            "lora_linear",
+            "lora_forward_backward",
+            f"forward+backward, N={rank_tokens}, rank sweep",
+            base="dense",
+            layer=shapes.layer,
+            tokens=rank_tokens,
+            r=r,
+            dropout=0.0,
+            training=True,
+            sweep=("r", r),
+        )
+        for r in shapes.ranks
+    ]
+    found += [
+        _layer_case(
+            shapes,
+            "lora_linear",
+            "lora_forward_backward",
+            f"forward+backward {layer[0]}->{layer[1]}",
+            base="dense",
+            layer=layer,
+            tokens=tokens,
+            r=shapes.rank,
+            dropout=0.0,
+            training=True,
+            sweep=("tokens", tokens),
+            impls=(*IMPLS, "base"),
+        )
+        for layer in shapes.more_layers
+        for tokens in shapes.tokens
+    ]
+    return found
+
+
+def _qlora(shapes: Shapes) -> list[Case]:
+    return [
+        _layer_case(
+            shapes,
+            "qlora",
+            "qlora",
+            f"NF4 {'forward+backward' if training else 'forward'}",
+            base="nf4",
+            layer=shapes.layer,
+            tokens=tokens,
+            r=shapes.rank,
+            dropout=0.0,
+            training=training,
+            sweep=("tokens", tokens),
+        )
+        for training in (False, True)
+        for tokens in shapes.qlora_tokens
+    ]
+
+
+def _decode(shapes: Shapes) -> list[Case]:
+    return [
+        _layer_case(
+            shapes,
+            "decode",
+            "decode",
+            f"{'NF4' if base == 'nf4' else 'dense'} {layer[0]}->{layer[1]}",
+            base=base,
+            layer=layer,
+            tokens=tokens,
+            r=shapes.rank,
+            dropout=0.0,
+            training=False,
+            sweep=("tokens", tokens),
+        )
+        for base in ("dense", "nf4")
+        for layer in shapes.decode_layers
+        for tokens in shapes.decode_tokens
+    ]
+
+
+def _train_step(shapes: Shapes) -> list[Case]:
+    dtype = DTYPE_NAMES[shapes.dtype]
+    if shapes.train_autocast is not None:
+        dtype += f", autocast {DTYPE_NAMES[shapes.train_autocast]}"
+    return [
+        Case(
+            family="train_step",
+            workload="train_step",
+            label=f"dropout {dropout}",
+            build=model_workloads.train_step,
+            params=dict(
+                spec=shapes.llama,
+                batch=shapes.train_batch,
+                seq=seq,
+                r=shapes.rank,
+                dropout=dropout,
+                dtype=shapes.dtype,
+                autocast=shapes.train_autocast,
+            ),
+            shape=f"{shapes.llama.describe()} {shapes.train_batch}x{seq} r={shapes.rank}",
+            dtype=dtype,
+            sweep=("tokens", shapes.train_batch * seq),
+            deterministic=dropout == 0.0,
+        )
+        for dropout in (0.0, DROPOUT)
+        for seq in shapes.train_seq
+    ]
+
+
+def _mixed_batch(shapes: Shapes) -> list[Case]:
+    return [
+        Case(
+            family="mixed_batch",
+            workload="mixed_batch",
+            label=f"{shapes.mixed_batch}x{shapes.mixed_seq} tokens",
+            build=model_workloads.mixed_batch,
+            params=dict(
+                spec=shapes.llama,
+                batch=shapes.mixed_batch,
+                seq=shapes.mixed_seq,
+                adapters=adapters,
+                r=shapes.rank,
+                dtype=shapes.dtype,
+            ),
+            shape=f"{shapes.llama.describe()} {shapes.mixed_batch}x{shapes.mixed_seq} {adapters} adapters",
+            dtype=_dtype_name(replace(shapes, adapter_autocast=True)),
+            sweep=("adapters", adapters),
+        )
+        for adapters in shapes.mixed_adapters
+    ]
+
+
+def _merge(shapes: Shapes) -> list[Case]:
+    return [
+        Case(
+            family="merge",
+            workload="merge",
+            label=f"{'NF4' if base == 'nf4' else 'dense'} merge+unmerge",
+            build=layer_workloads.merge,
+            params=dict(
+                base=base,
+                in_features=shapes.merge_in,
+                out_features=out_features,
+                r=shapes.rank,
+                dtype=shapes.dtype,
+            ),
+            shape=f"{shapes.merge_in}->{out_features} r={shapes.rank}",
+            dtype=DTYPE_NAMES[shapes.dtype],
+            sweep=("out_features", out_features),
+        )
+        for base in ("dense", "nf4")
+        for out_features in shapes.merge_out
+    ]
+
+
+def _adapters(shapes: Shapes) -> list[Case]:
+    return [
+        Case(
+            family="adapters",
+            workload="adapters",
+            label=label,
+            build=build,
+            params=dict(spec=shapes.llama, adapters=adapters, r=shapes.rank, dtype=shapes.dtype),
+            shape=f"{shapes.llama.describe()} {adapters} loaded",
+            dtype=_dtype_name(replace(shapes, adapter_autocast=True)),
+            sweep=("adapters loaded", adapters),
+        )
+        for label, build in (
+            ("switch (set_adapter)", model_workloads.adapter_switch),
+            ("load (load_adapter)", model_workloads.adapter_load),
+        )
+        for adapters in shapes.loaded_adapters
+    ]

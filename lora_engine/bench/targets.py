@@ -1,0 +1,185 @@
+"""The performance targets, checked against a run's figures and reported beside them as met / not met.
+
+They are goals, never test assertions. CPU targets hold for the reference backend (the only one on the CPU);
+GPU targets are for the Triton kernels and are checked only on a CUDA run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lora_engine.bench.measure import CaseResult
+from lora_engine.bench.suite import DROPOUT
+
+#: The GPU layer targets' shape: hidden 4096, r 16, 8192 tokens.
+REFERENCE_LAYER = dict(in_features=4096, out_features=4096, r=16, tokens=8192)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target checked on one case: ``value`` against the target's limit (None: not measurable there)."""
+
+    target: Target
+    result: CaseResult
+    value: float | None
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.target.limit if self.target.at_least else self.value <= self.target.limit
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.target.short}: not measured"
+        sign = ">=" if self.target.at_least else "<="
+        verdict = "met" if self.met else "NOT met"
+        return f"{self.target.short} {self.value:.2f} {sign} {self.target.limit:g}: {verdict}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """``checks(results, context)`` picks the cases the target is about and computes its figure on each."""
+
+    key: str
+    device: str
+    text: str
+    short: str
+    limit: float
+    at_least: bool
+    checks: Callable[[list[CaseResult], dict], list[tuple[CaseResult, float | None]]]
+
+
+def _rows(results, family, label=None, **params):
+    return [
+        result
+        for result in results
+        if result.case.family == family
+        and (label is None or result.case.label == label)
+        and all(result.case.params.get(key) == value for key, value in params.items())
+    ]
+
+
+def _per_row(family, figure, label=None, invert=False, impl="ours", other="peft", **params):
+    """A check on each matching case: ``impl``'s figure over ``other``'s (``invert``: the other way round)."""
+
+    def checks(results, context):
+        found = []
+        for result in _rows(results, family, label, **params):
+            value = result.ratio(figure, other, impl) if invert else result.ratio(figure, impl, other)
+            found.append((result, value))
+        return found
+
+    return checks
+
+
+def _switch_flatness(results, context):
+    """Ours at the most adapters loaded over ours at the fewest, reported on the most-adapters case."""
+    rows = sorted(_rows(results, "adapters", "switch (set_adapter)"), key=lambda result: result.case.sweep[1])
+    if len(rows) < 2:
+        return []
+    return [(rows[-1], rows[-1].time["ours"].median / rows[0].time["ours"].median)]
+
+
+def _merge_bandwidth(results, context):
+    """Bytes a dense merge + unmerge must move over its time, as a fraction of the measured copy bandwidth."""
+    copy_bandwidth = context.get("copy_bandwidth_bytes_per_s")
+    found = []
+    for result in results:
+        if result.case.family == "merge" and result.bytes_moved and copy_bandwidth:
+            found.append((result, result.bytes_moved / result.time["ours"].median / copy_bandwidth))
+    return found
+
+
+def _saved_with_dropout_gpu(results, context):
+    layer = _per_row("lora_linear", "saved", label=f"forward+backward, dropout {DROPOUT}", **REFERENCE_LAYER)
+    model = _per_row("train_step", "saved", dropout=DROPOUT)
+    return layer(results, context) + model(results, context)
+
+
+TARGETS = (
+    Target(
+        "cpu-train-step-time",
+        "cpu",
+        "training step of a tiny Llama (reference backend): ours at most 1.0x peft's time",
+        "target ours/peft time",
+        1.0,
+        False,
+        _per_row("train_step", "time", dropout=0.0),
+    ),
+    Target(
+        "cpu-saved-bytes-dropout",
+        "cpu",
+        f"lora_dropout={DROPOUT}: the LoRA layers' bytes saved for backward at most 0.5x peft's",
+        "target saved ours/peft",
+        0.5,
+        False,
+        _per_row("train_step", "saved", dropout=DROPOUT),
+    ),
+    Target(
+        "cpu-mixed-batch-8",
+        "cpu",
+        "mixed batch of 8 adapters: at least 1.5x faster than peft",
+        "target speedup",
+        1.5,
+        True,
+        _per_row("mixed_batch", "time", invert=True, adapters=8),
+    ),
+    Target(
+        "cpu-switch-flat",
+        "cpu",
+        "adapter switch time flat in the number of adapters loaded (most / fewest loaded at most 1.5x)",
+        "target flatness",
+        1.5,
+        False,
+        _switch_flatness,
+    ),
+    Target(
+        "gpu-lora-layer-speedup",
+        "cuda",
+        "LoRA layer fwd+bwd, hidden 4096, r 16, 8192 tokens, bf16: at least 1.3x faster than peft",
+        "target speedup",
+        1.3,
+        True,
+        _per_row("lora_linear", "time", label="forward+backward", invert=True, **REFERENCE_LAYER),
+    ),
+    Target(
+        "gpu-lora-layer-vs-base",
+        "cuda",
+        "LoRA layer fwd+bwd at that shape: within 1.15x of the frozen base layer's fwd + input-grad time",
+        "target ours/base",
+        1.15,
+        False,
+        _per_row("lora_linear", "time", label="forward+backward", other="base", **REFERENCE_LAYER),
+    ),
+    Target(
+        "gpu-merge-bandwidth",
+        "cuda",
+        "dense merge: at least 70% of HBM bandwidth (measured device-to-device copy bandwidth)",
+        "target of copy bw",
+        0.70,
+        True,
+        _merge_bandwidth,
+    ),
+    Target(
+        "gpu-saved-bytes-dropout",
+        "cuda",
+        f"lora_dropout={DROPOUT}: bytes saved for backward at most 0.5x peft's (reference layer; LoRA layers "
+        "of a training step)",
+        "target saved ours/peft",
+        0.5,
+        False,
+        _saved_with_dropout_gpu,
+    ),
+)
+
+
+def check_targets(results: list[CaseResult], device: str, context: dict) -> list[Check]:
+    """Every check of every target for ``device`` on ``results``."""
+    return [
+        Check(target, result, value)
+        for target in TARGETS
+        if target.device == device
+        for result, value in target.checks(results, context)
+    ]

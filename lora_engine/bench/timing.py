@@ -1,0 +1,137 @@
+"""Interleaved timing: the implementations of one case take turns (ours, peft, peft, ours, ...), so a slow spell
+of a shared machine hits all of them alike; warm-up calls are excluded; each figure is a median with p20 / p80.
+
+A sample is the mean of ``inner`` back-to-back calls, ``inner`` chosen so that a sample lasts at least
+``min_sample_s`` (timer resolution and launch jitter); a runner with a ``reset`` is timed one call at a time,
+the reset untimed. On CUDA the device is synchronized before and after every sample.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lora_engine.bench.case import Runner
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How long to time one case: at least ``min_rounds`` rounds (one sample per implementation each), then
+    on until ``budget_s`` seconds per implementation are spent or ``max_rounds`` are done. ``cap_s`` bounds a
+    case's timing on a busy machine: past it, no new round starts once ``MIN_ROUNDS_UNDER_CAP`` are done."""
+
+    warmup: int
+    min_rounds: int
+    max_rounds: int
+    budget_s: float
+    min_sample_s: float
+    cap_s: float = math.inf
+
+
+MIN_ROUNDS_UNDER_CAP = 3
+
+PLANS = {
+    "smoke": TimingPlan(warmup=1, min_rounds=1, max_rounds=1, budget_s=0.0, min_sample_s=0.0),
+    "quick": TimingPlan(warmup=2, min_rounds=7, max_rounds=60, budget_s=0.6, min_sample_s=0.005, cap_s=8.0),
+    "full": TimingPlan(warmup=5, min_rounds=20, max_rounds=500, budget_s=3.0, min_sample_s=0.02, cap_s=120.0),
+}
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seconds per call over ``samples`` samples of ``inner`` calls each."""
+
+    median: float
+    p20: float
+    p80: float
+    samples: int
+    inner: int
+
+    @classmethod
+    def of(cls, seconds: list[float], inner: int) -> Stats:
+        if len(seconds) == 1:
+            return cls(seconds[0], seconds[0], seconds[0], 1, inner)
+        deciles = statistics.quantiles(seconds, n=10, method="inclusive")
+        return cls(statistics.median(seconds), deciles[1], deciles[7], len(seconds), inner)
+
+    def as_dict(self) -> dict:
+        return {
+            "median": self.median,
+            "p20": self.p20,
+            "p80": self.p80,
+            "samples": self.samples,
+            "inner": self.inner,
+        }
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (CUDA), or does nothing (CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _sample(runner: Runner, inner: int, sync: Callable[[], None]) -> float:
+    if runner.reset is not None:
+        runner.reset()
+    sync()
+    start = time.perf_counter()
+    for _ in range(inner):
+        runner.run()
+    sync()
+    return (time.perf_counter() - start) / inner
+
+
+def time_interleaved(
+    runners: dict[str, Runner], plan: TimingPlan, device: torch.device
+) -> tuple[dict[str, Stats], dict[str, object]]:
+    """Time every runner, interleaved. Returns ``(stats per implementation, first output per implementation)``;
+    the first outputs come from the first warm-up call, where every implementation saw the same input.
+    Warm-up runs every copy a runner rotates through at least once, so no timed call is a copy's first."""
+    sync = synchronizer(device)
+    order = list(runners)
+    first_outputs: dict[str, object] = {}
+    fastest_warmup = dict.fromkeys(order, math.inf)
+    warmup_calls = max(plan.warmup, 1, *(runner.copies for runner in runners.values()))
+    for call in range(warmup_calls):
+        for impl in order:
+            runner = runners[impl]
+            if runner.reset is not None:
+                runner.reset()
+            sync()
+            start = time.perf_counter()
+            output = runner.run()
+            sync()
+            fastest_warmup[impl] = min(fastest_warmup[impl], time.perf_counter() - start)
+            if call == 0:
+                first_outputs[impl] = output
+            del output
+    inner = {
+        impl: 1
+        if runners[impl].reset is not None
+        else max(1, min(10_000, math.ceil(plan.min_sample_s / max(fastest_warmup[impl], 1e-9))))
+        for impl in order
+    }
+    samples: dict[str, list[float]] = {impl: [] for impl in order}
+    gc.collect()
+    gc.disable()  # a collection inside a sample would land on whichever implementation is running
+    try:
+        start = time.perf_counter()
+        for round_index in range(plan.max_rounds):
+            # Alternate who goes first, so that neither always runs right after the other.
+            for impl in order if round_index % 2 == 0 else order[::-1]:
+                samples[impl].append(_sample(runners[impl], inner[impl], sync))
+            spent, rounds = time.perf_counter() - start, round_index + 1
+            if rounds >= plan.min_rounds and spent >= plan.budget_s * len(order):
+                break
+            if rounds >= MIN_ROUNDS_UNDER_CAP and spent >= plan.cap_s:
+                break
+    finally:
+        gc.enable()
+    return {impl: Stats.of(samples[impl], inner[impl]) for impl in order}, first_outputs

@@ -1,0 +1,125 @@
+"""The benchmark suite cannot rot: every workload runs once at tiny size for every implementation, its
+memory counters work, and ``lora-engine bench`` writes its table, JSON and plots.
+
+Figures are not checked (timing belongs to ``lora-engine bench``, never to a test). The peak-RSS child process is
+not started here: its fork server imports torch, transformers and peft once more, seconds the unit suite does not
+spend; ``lora-engine bench --smoke`` runs it.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lora_engine.bench import builders, main, memory, shapes, suite
+from lora_engine.bench.case import build_runner
+from lora_engine.bench.measure import compare_outputs
+
+CPU = torch.device("cpu")
+
+
+def _one_case_per_line() -> list:
+    """The first sweep point of every (family, label): every workload and variant, once."""
+    first = {}
+    for case in suite.cases("cpu", "smoke"):
+        first.setdefault((case.family, case.label), case)
+    return list(first.values())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("case", _one_case_per_line(), ids=lambda case: f"{case.family}-{case.label}")
+def test_workload_runs_once_for_every_implementation(case):
+    outputs = {}
+    for impl in case.impls:
+        runner = build_runner(case, impl, CPU)
+        if runner.reset is not None:
+            runner.reset()
+        outputs[impl] = runner.run()
+        if runner.forward is not None:
+            assert memory.saved_tensor_bytes(runner.forward, runner.parameters, runner.saved_scope) >= 0
+        runner.close()
+    parity = compare_outputs(outputs["ours"], outputs["peft"], case.dtype) if case.deterministic else None
+    assert parity is None or parity["ok"], parity
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("case", suite.cases("cuda", "smoke", ("train_step",)), ids=lambda case: case.label)
+def test_cuda_training_step_runs_in_bf16_under_autocast(case):
+    """The CUDA sweep's precision (bf16 weights, fp32 LoRA factors, bf16 autocast), run on the CPU."""
+    for impl in case.impls:
+        loss = build_runner(case, impl, CPU).run()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_ours_and_peft_get_identical_base_and_adapter_weights():
+    spec = shapes.SHAPES[("cpu", "smoke")].llama
+    models = {
+        impl: builders.with_lora(
+            impl, builders.llama(spec, torch.float32, CPU), adapters=2, target_modules="all-linear", r=4
+        )
+        for impl in ("ours", "peft")
+    }
+    ours, theirs = models["ours"].state_dict(), models["peft"].state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert any(".lora_B.a1." in key and theirs[key].abs().sum() > 0 for key in theirs)
+
+
+def test_saved_bytes_count_each_storage_once_and_never_parameters():
+    weight = nn.Parameter(torch.randn(8, 4))
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def forward():
+        # mul saves x twice (one storage, two views); matmul saves x again and the parameter.
+        return (x * x[:, :]).sum() + (x @ weight.T).sum()
+
+    assert memory.saved_tensor_bytes(forward, parameters=[weight]) == x.numel() * 4
+
+
+def test_saved_bytes_scope_counts_only_inside_the_given_modules():
+    inner, outer = nn.Linear(4, 4), nn.Linear(4, 4)
+    x = torch.randn(2, 4, requires_grad=True)
+
+    def forward():
+        return inner(torch.tanh(outer(x)))  # tanh saves its output, outside ``inner``
+
+    in_scope = memory.saved_tensor_bytes(
+        forward, list(inner.parameters()) + list(outer.parameters()), [inner]
+    )
+    everything = memory.saved_tensor_bytes(forward, list(inner.parameters()) + list(outer.parameters()))
+    assert 0 < in_scope < everything
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_bench_command_writes_table_json_and_one_png_per_family(tmp_path, capsys):
+    status = main(
+        ["--smoke", "--device", "cpu", "--only", "lora_linear,merge", "--no-peak", "--out", str(tmp_path)]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "ours/peft" in printed and "targets:" in printed
+    (json_path,) = tmp_path.glob("cpu-*-smoke.json")
+    record = json.loads(json_path.read_text())
+    assert {"torch", "transformers", "peft", "bitsandbytes", "triton"} <= record["versions"].keys()
+    assert record["device"]["name"] and "commit" in record["git"]
+    assert {result["family"] for result in record["results"]} == {"lora_linear", "merge"}
+    assert all({"median", "p20", "p80"} <= result["time_s"]["peft"].keys() for result in record["results"])
+    assert sorted(path.name.split("-smoke-")[1] for path in tmp_path.glob("*.png")) == [
+        "lora_linear.png",
+        "merge.png",
+    ]
+
+
+def test_bench_without_peft_says_how_to_install_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "peft" else real_find_spec(name, *args),
+    )
+    assert main(["--smoke"]) == 2
+    assert 'pip install -e ".[bench]"' in capsys.readouterr().err
