@@ -12,7 +12,10 @@ Contract::
   adapters in fp32 on half-precision bases) and the sum is returned in the base output's dtype.
 - ``scaling``: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rslora).
 - ``dropout_p``: inverted dropout on the low-rank input only; pass 0 in eval. The mask is drawn from a seed
-  taken from torch's global generator and regenerated in backward.
+  taken from torch's global generator and regenerated in backward. The reference and the Triton kernel draw
+  different masks from the same seed (torch's generator vs Philox in the kernel); each is a valid dropout.
+
+Runs ``lora_engine.kernels.lora_linear`` when ``backend.uses_triton`` says so, else ``reference.lora_linear``.
 
 Gradients flow to ``x``, ``lora_A``, ``lora_B``, and to ``bias`` or ``weight`` if they require grad.
 Nothing is mutated.
@@ -41,8 +44,13 @@ def lora_linear(
     fan_in_fan_out: bool = False,
 ) -> torch.Tensor:
     """``[..., in]`` → ``[..., out]``; see the module docstring."""
-    backend.uses_triton("lora_linear", x.device, has_kernel=False)
+    implementation = reference.lora_linear
+    if backend.uses_triton("lora_linear", x.device, has_kernel=True):
+        # Imported here: the kernel module needs triton, and triton fixes compiled-vs-interpreted at import.
+        from lora_engine.kernels import lora_linear as kernel
+
+        implementation = kernel.lora_linear
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    return reference.lora_linear(
+    return implementation(
         x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, fan_in_fan_out
     )

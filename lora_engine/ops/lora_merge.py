@@ -10,6 +10,8 @@ Contract::
 - ``subtract``: unmerge instead of merge.
 - ``check_finite``: check the merged weight for NaN/Inf before any write; on failure raise
   ``FloatingPointError`` and leave ``weight`` untouched (peft's ``safe_merge``).
+
+Runs ``lora_engine.kernels.lora_merge`` when ``backend.uses_triton`` says so, else ``reference.lora_merge``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ def lora_merge(
     check_finite: bool = False,
 ) -> None:
     """In-place ``weight ± s · B A``; see the module docstring."""
-    backend.uses_triton("lora_merge", weight.device, has_kernel=False)
-    lora_merge_(
+    implementation = lora_merge_
+    if backend.uses_triton("lora_merge", weight.device, has_kernel=True):
+        # Imported here: the kernel module needs triton, and triton fixes compiled-vs-interpreted at import.
+        from lora_engine.kernels import lora_merge as kernel
+
+        implementation = kernel.lora_merge_
+    implementation(
         weight,
         lora_A,
         lora_B,

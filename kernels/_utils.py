@@ -1,0 +1,108 @@
+"""What the Triton kernels of lora_engine share: the interpreter switch, dot precision, the dropout mask.
+
+Triton decides when a kernel is *decorated* whether it runs compiled (CUDA) or under the interpreter
+(``TRITON_INTERPRET=1``, numpy on the CPU), so ``INTERPRETED`` is read once, when the kernel modules are imported,
+and every choice that depends on it (tile configs, the interpreter fixes below) is made from the same value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+# Two interpreter-only fixes, read by the jit helpers below as global constexprs (compiled kernels keep the fast
+# paths; nothing here changes what a GPU computes):
+# - the interpreter multiplies bf16 dot operands as raw bit patterns (triton-lang/triton#11584), so under it every
+#   dot runs on operands upcast to fp32, exact for fp16/bf16 inputs and what the tensor cores accumulate anyway;
+# - the interpreter casts fp32 → bf16 by truncation (its cast passes no rounding mode), where CUDA rounds to
+#   nearest even, so under it that rounding is done in integer arithmetic first and the cast only drops bits.
+DOT_IN_FP32 = tl.constexpr(INTERPRETED)
+BF16_ROUND_IN_INTEGERS = tl.constexpr(INTERPRETED)
+
+
+def autotune_configs(
+    cuda_configs: list[triton.Config], interpreter_config: triton.Config
+) -> list[triton.Config]:
+    """The configs to autotune over: all on CUDA; one small fixed one under the interpreter, where a
+    single config is run without benchmarking and small tiles keep odd test shapes cheap."""
+    return [interpreter_config] if INTERPRETED else cuda_configs
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device: make it the tensor's (a no-op off CUDA)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot`` input precision for fp32 operands, following ``torch.set_float32_matmul_precision``:
+    ``"highest"`` (torch's default) → ``"tf32x3"``, three TF32 tensor-core products whose sum is accurate to
+    about fp32 (``"ieee"`` would run on the FMA units at a fraction of the tensor cores' rate); ``"high"`` or
+    ``"medium"`` → ``"tf32"``, as torch's own fp32 matmuls then do."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def rank_block(rank: int) -> int:
+    """The tile width along the LoRA rank: a power of two, at least 16 (``tl.dot``'s minimum), at most 64
+    (larger ranks are walked in chunks, which bounds registers per program). Under the interpreter always 16,
+    so that small test ranks already take the chunked path."""
+    return 16 if INTERPRETED else min(64, max(16, triton.next_power_of_2(rank)))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def row_splits(n_rows: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, rows_per_split)`` for a reduction over rows whose other grid axes give only
+    ``programs_per_split`` programs: enough splits to fill the GPU about four times over, each split at
+    least 128 rows so the fp32 partials stay small next to the rows they replace. Under the interpreter there
+    is no GPU to fill; splits of 32 rows keep the split path exercised by small tests."""
+    if device.type == "cuda":
+        wanted = max(1, 4 * _sm_count(device.index or 0) // max(1, programs_per_split))
+        splits = max(1, min(wanted, triton.cdiv(n_rows, 128)))
+    else:
+        splits = max(1, triton.cdiv(n_rows, 32))
+    return splits, triton.cdiv(n_rows, splits)
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, width, dropout_p):
+    """The keep-mask of inverted dropout for the elements ``(rows[:, None], cols[None, :])`` of a row-major
+    ``[*, width]`` tensor: Philox uniform(``seed``, flat index) ``>= dropout_p``. A function of the logical
+    index only, never of strides or tiling, so every kernel regenerates the same mask."""
+    offsets = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def dot_acc(lhs, rhs, acc, FP32_PRECISION: tl.constexpr):
+    """``acc + lhs @ rhs`` with an fp32 accumulator; operands must share a dtype (callers cast)."""
+    if DOT_IN_FP32:
+        lhs = lhs.to(tl.float32)
+        rhs = rhs.to(tl.float32)
+    if tl.constexpr(lhs.dtype == tl.float32):
+        acc = tl.dot(lhs, rhs, acc, input_precision=FP32_PRECISION)
+    else:
+        acc = tl.dot(lhs, rhs, acc)
+    return acc
+
+
+@triton.jit
+def cast(values, dtype: tl.constexpr):
+    """``values.to(dtype)``, rounding to nearest even on every backend (see ``BF16_ROUND_IN_INTEGERS``)."""
+    converted = values.to(dtype)
+    if BF16_ROUND_IN_INTEGERS:  # noqa: SIM102  (Triton refuses chained `A and B and C`)
+        if tl.constexpr(values.dtype == tl.float32) and tl.constexpr(dtype == tl.bfloat16):
+            # bf16 is the top half of fp32: add half an ulp (ties to even), keep the top 16 bits. NaNs are only
+            # truncated, so that no carry turns them into Inf.
+            bits = values.to(tl.uint32, bitcast=True)
+            rounded = tl.where(values == values, bits + 0x7FFF + ((bits >> 16) & 1), bits)
+            converted = (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return converted

@@ -1,0 +1,213 @@
+"""Compile the kernels for an H100 (sm_90a) on a machine without a GPU and report what ptxas made of them.
+
+Run as a script in a fresh process (``TRITON_INTERPRET`` unset, so the kernels are decorated for compilation);
+prints one JSON line per compiled case: its name, registers, stack bytes (non-zero = register spills) and shared
+memory. Each case is compiled with the specialization a real launch gets (integer arguments equal to 1 become
+constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned), for the largest tile its
+autotuner keeps after pruning, at realistic sizes (8192 tokens, 4096 × 4096, rank 16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from lora_engine.kernels import lora_linear, lora_merge
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+H100 = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TOKENS, IN_FEATURES, OUT_FEATURES, RANK = 8192, 4096, 4096, 16
+SEED = 2**40 + 12345  # as drawn by ops.lora_linear: 64-bit
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32"}
+
+
+def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for index, name in enumerate(jit_function.arg_names):
+        value = args.get(name)
+        if name in constants:
+            signature[name] = "constexpr"
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif name == "seed":  # do_not_specialize
+            signature[name] = "i64"
+        elif value == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(jit_function, signature, constants, attrs)
+    compiled = triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    return {
+        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "shared": compiled.metadata.shared,
+    }
+
+
+def _autotuned(name: str, autotuner, args: dict, constexprs: dict) -> dict:
+    configs = autotuner.configs
+    if autotuner.early_config_prune:
+        configs = autotuner.early_config_prune(configs, args, **constexprs)
+    config = configs[0]
+    result = _compile(
+        autotuner.fn, args, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages
+    )
+    return {"case": name, "config": config.kwargs, "num_warps": config.num_warps, **result}
+
+
+def _tensor(dtype):
+    return torch.empty(1, dtype=dtype)
+
+
+def _fused_cases():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    # (name, x dtype, adapter dtype, has_base, has_bias, dropout, m, k, rhs strides, factor strides)
+    cases = [
+        (
+            "forward bf16 x, fp32 adapters, bias",
+            bf16,
+            fp32,
+            True,
+            True,
+            False,
+            OUT_FEATURES,
+            IN_FEATURES,
+            (1, IN_FEATURES),
+            (1, RANK),
+        ),
+        (
+            "forward bf16 x, bf16 adapters",
+            bf16,
+            bf16,
+            True,
+            False,
+            False,
+            OUT_FEATURES,
+            IN_FEATURES,
+            (1, IN_FEATURES),
+            (1, RANK),
+        ),
+        (
+            "forward fp32",
+            fp32,
+            fp32,
+            True,
+            True,
+            False,
+            OUT_FEATURES,
+            IN_FEATURES,
+            (1, IN_FEATURES),
+            (1, RANK),
+        ),
+        (
+            "dx bf16 x, fp32 adapters, dropout",
+            bf16,
+            fp32,
+            True,
+            False,
+            True,
+            IN_FEATURES,
+            OUT_FEATURES,
+            (IN_FEATURES, 1),
+            (IN_FEATURES, 1),
+        ),
+        (
+            "low-rank term only, fp32, dropout",
+            bf16,
+            fp32,
+            False,
+            False,
+            True,
+            OUT_FEATURES,
+            0,
+            (16, 16),
+            (1, RANK),
+        ),
+    ]
+    for name, x_dtype, adapter_dtype, has_base, has_bias, dropout, m, k, rhs_strides, factor_strides in cases:
+        out_dtype = x_dtype if has_base else adapter_dtype
+        args = {
+            "lhs_ptr": _tensor(x_dtype), "rhs_ptr": _tensor(x_dtype), "bias_ptr": _tensor(x_dtype),
+            "hidden_ptr": _tensor(adapter_dtype), "factor_ptr": _tensor(adapter_dtype), "out_ptr": _tensor(out_dtype),
+            "N": TOKENS, "M": m, "K": k, "R": RANK, "stride_lhs_n": k or 16, "stride_lhs_k": 1,
+            "stride_rhs_k": rhs_strides[0], "stride_rhs_m": rhs_strides[1], "stride_hidden_n": RANK, "stride_hidden_r": 1,
+            "stride_factor_r": factor_strides[0], "stride_factor_m": factor_strides[1], "stride_out_n": m,
+            "stride_out_m": 1, "scale": 0.5, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
+        }  # fmt: skip
+        constexprs = {
+            "HAS_BASE": has_base, "HAS_BIAS": has_bias, "HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3",
+            "LOW_RANK_PRECISION": "tf32x3" if out_dtype == fp32 else "tf32", "BLOCK_R": RANK,
+        }  # fmt: skip
+        yield _autotuned(f"fused: {name}", lora_linear._fused_linear_kernel, args, constexprs)
+
+
+def _rank_cases():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for name, k, dropout, factor_strides in [
+        ("xa = drop(x) Aᵀ", IN_FEATURES, True, (1, IN_FEATURES)),
+        ("dxa = s dy B", OUT_FEATURES, False, (RANK, 1)),
+    ]:
+        args = {
+            "src_ptr": _tensor(bf16), "factor_ptr": _tensor(fp32), "out_ptr": _tensor(fp32), "N": TOKENS, "K": k,
+            "R": RANK, "stride_src_n": k, "stride_src_k": 1, "stride_factor_k": factor_strides[0],
+            "stride_factor_r": factor_strides[1], "stride_out_n": RANK, "stride_out_r": 1, "scale": 1.1, "seed": SEED,
+            "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
+        }  # fmt: skip
+        constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
+        yield _autotuned(f"project: {name}", lora_linear._project_kernel, args, constexprs)
+    for name, k, dropout, partial_strides in [
+        ("dA", IN_FEATURES, True, (IN_FEATURES * RANK, 1, IN_FEATURES)),
+        ("dB", OUT_FEATURES, False, (OUT_FEATURES * RANK, RANK, 1)),
+    ]:
+        args = {
+            "src_ptr": _tensor(bf16), "hidden_ptr": _tensor(fp32), "partial_ptr": _tensor(fp32), "N": TOKENS, "K": k,
+            "R": RANK, "rows_per_split": 256, "stride_src_n": k, "stride_src_k": 1, "stride_hidden_n": RANK,
+            "stride_hidden_r": 1, "stride_partial_split": partial_strides[0], "stride_partial_k": partial_strides[1],
+            "stride_partial_r": partial_strides[2], "scale": 1.1, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
+        }  # fmt: skip
+        constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
+        yield _autotuned(f"outer: {name}", lora_linear._outer_kernel, args, constexprs)
+
+
+def _merge_cases():
+    for write in (False, True):
+        args = {
+            "weight_ptr": _tensor(torch.bfloat16), "lora_A_ptr": _tensor(torch.float32),
+            "lora_B_ptr": _tensor(torch.float32), "flag_ptr": _tensor(torch.int32), "OUT": OUT_FEATURES,
+            "IN": IN_FEATURES, "R": RANK, "stride_w_out": IN_FEATURES, "stride_w_in": 1, "stride_a_r": IN_FEATURES,
+            "stride_a_in": 1, "stride_b_out": RANK, "stride_b_r": 1, "scale": 2.0,
+        }  # fmt: skip
+        constexprs = {
+            "WRITE": write, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK, "BLOCK_OUT": lora_merge.BLOCK_OUT,
+            "BLOCK_IN": lora_merge.BLOCK_IN,
+        }  # fmt: skip
+        result = _compile(lora_merge._merge_kernel, args, constexprs, lora_merge.NUM_WARPS, 3)
+        yield {"case": f"merge: {'write' if write else 'check'} pass, bf16 weight", **result}
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
+    for result in (*_fused_cases(), *_rank_cases(), *_merge_cases()):
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The kernels compile for an H100 (sm_90a) here, without a GPU: the code paths the interpreter never takes (tensor
+-core dots, TF32 precisions, constexpr branches) are valid Triton, and no tile the autotuners keep spills registers
+or overflows shared memory. Nothing runs; performance stays unmeasured."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+HELPER = Path(__file__).with_name("sm90_compile.py")
+NVIDIA_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+H100_SHARED_MEMORY_PER_BLOCK = 227 * 1024
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """One record per compiled case (see ``sm90_compile.py``), from a fresh process and an empty Triton cache."""
+    if not (NVIDIA_TOOLS / "ptxas").exists() or not (NVIDIA_TOOLS / "cuobjdump").exists():
+        pytest.skip(f"triton's bundled ptxas/cuobjdump are missing from {NVIDIA_TOOLS}")
+    work = tmp_path_factory.mktemp("sm90")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(work / "triton-cache")
+    result = subprocess.run(
+        [sys.executable, str(HELPER)], env=env, cwd=work, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 11, records
+    return records
+
+
+def test_no_kernel_spills_registers_on_h100(compiled):
+    spilling = [record for record in compiled if record["stack"] != 0]
+    assert not spilling, spilling
+
+
+def test_every_kernel_fits_h100_shared_memory(compiled):
+    too_big = [record for record in compiled if record["shared"] > H100_SHARED_MEMORY_PER_BLOCK]
+    assert not too_big, too_big

@@ -1,0 +1,79 @@
+"""A whole tiny Llama wrapped by ``get_peft_model`` gives the same logits and LoRA gradients on the Triton
+backend (under the interpreter) as on the reference backend, and merges to the same weights."""
+
+import pytest
+import torch
+from triton_interpreter import kernels_fixture  # noqa: F401  (registers the `kernels` fixture)
+
+from lora_engine import LoraConfig, get_peft_model
+from lora_engine.reference import lora_linear as reference
+
+pytestmark = pytest.mark.usefixtures("kernels")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def _peft_llama(llama_factory, dtype, dropout):
+    # init_lora_weights=False keeps nn.Linear's init for lora_B, so the adapters are not a no-op; the seed fixes
+    # them, so two calls build identical models.
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(llama_factory(0, dtype=dtype), config)
+
+
+def _logits_and_lora_grads(model, input_ids):
+    torch.manual_seed(123)  # the same dropout seeds, call for call, on both backends
+    logits = model(input_ids=input_ids).logits
+    logits.float().square().mean().backward()
+    grads = {name: param.grad for name, param in model.named_parameters() if "lora_" in name}
+    assert grads and all(grad is not None for grad in grads.values())
+    return logits.detach(), grads
+
+
+def _assert_close(got, want, dtype):
+    torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "dropout"),
+    [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.float32, 0.1)],
+    ids=["fp32", "bf16-base-fp32-adapters", "fp32-dropout"],
+)
+def test_logits_and_lora_gradients_match_the_reference_backend(
+    kernels, llama_factory, input_ids, monkeypatch, dtype, dropout
+):
+    # With dropout, the reference draws the kernel's Philox mask for the same seeds.
+    monkeypatch.setattr(reference, "dropout_keep_mask", kernels.lora_linear.dropout_keep_mask)
+    model = _peft_llama(llama_factory, dtype, dropout).train(dropout > 0)
+    logits, grads = _logits_and_lora_grads(model, input_ids)
+
+    model.zero_grad()
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "reference")
+    want_logits, want_grads = _logits_and_lora_grads(model, input_ids)
+
+    _assert_close(logits, want_logits, dtype)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name  # adapters upcast to fp32
+        _assert_close(grad, want_grads[name], dtype)
+
+
+def test_merge_and_unmerge_match_the_reference_backend(kernels, llama_factory, input_ids, monkeypatch):
+    ours = _peft_llama(llama_factory, torch.float32, 0.0)
+    unmerged_logits = ours(input_ids=input_ids).logits.detach()
+    ours.merge_adapter()
+    merged_logits = ours(input_ids=input_ids).logits.detach()
+    merged = {name: tensor.clone() for name, tensor in ours.state_dict().items() if "base_layer" in name}
+    ours.unmerge_adapter()
+
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "reference")
+    theirs = _peft_llama(llama_factory, torch.float32, 0.0)
+    theirs.merge_adapter()
+    for name, tensor in theirs.state_dict().items():
+        if "base_layer" in name:
+            torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(merged_logits, unmerged_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(input_ids=input_ids).logits.detach(), unmerged_logits)
