@@ -12,10 +12,12 @@ import json
 import math
 import os
 import re
-import uuid
 import warnings
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+from lora_engine.serialization import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -62,23 +64,6 @@ def _to_json_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_to_json_value(item) for item in value]
     return value
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so `path` is never half-written."""
-    temporary_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        # os.open rather than tempfile.mkstemp: mkstemp's 0600 mode would outlive the rename; this honours umask.
-        descriptor = os.open(temporary_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary_path, path)
-    except BaseException:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-        raise
 
 
 @dataclass
@@ -141,7 +126,10 @@ class PeftConfig:
         # Serialise before touching the disk: an unserialisable value fails here.
         text = json.dumps(config_dict, indent=2, sort_keys=True)
         os.makedirs(save_directory, exist_ok=True)
-        _write_atomically(os.path.join(save_directory, CONFIG_NAME), text)
+        atomic_write(
+            os.path.join(save_directory, CONFIG_NAME),
+            lambda path: Path(path).write_text(text, encoding="utf-8"),
+        )
 
     @classmethod
     def from_pretrained(

@@ -43,7 +43,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        # mkstemp creates the file 0600; give the final file the permissions a plain open() would (umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         write(tmp_path)
+        with open(tmp_path, "rb") as written:
+            os.fsync(written.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp_path, path)
     except BaseException:
         Path(tmp_path).unlink(missing_ok=True)
@@ -140,6 +146,14 @@ def _extra_saved_keys(
     return keys
 
 
+def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under its state-dict name, read directly: unlike ``model.state_dict()`` this
+    runs no state-dict hooks (bitsandbytes' repack a CPU 4-bit weight in place, lossily)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
+
+
 def get_peft_model_state_dict(
     model: torch.nn.Module,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -162,7 +176,7 @@ def get_peft_model_state_dict(
         )
     config = model.peft_config[adapter_name]
     if state_dict is None:
-        state_dict = model.state_dict()
+        state_dict = _named_tensors(model)
     key_map = adapter_key_map(model, adapter_name)
     saved = {saved_key: state_dict[in_memory] for saved_key, in_memory in key_map.items()}
     for key in _extra_saved_keys(model, config, list(state_dict), save_embedding_layers):

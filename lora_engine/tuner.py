@@ -58,12 +58,14 @@ def _dense_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _forget_quantization(model: nn.Module) -> None:
-    """Mark a transformers model whose quantized layers were all made dense as a plain model again."""
+    """Mark a transformers model whose quantized layers were all made dense as a plain model again: no
+    quantizer, no quantization config, and no load-time bitsandbytes conversions for ``save_pretrained`` to
+    reverse, so ``.to(dtype)`` and ``save_pretrained`` treat it as a model built in full precision."""
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
         if flag in model.__dict__:
             setattr(model, flag, False)
-    if "hf_quantizer" in model.__dict__:
-        model.hf_quantizer = None
+    for attribute in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        model.__dict__.pop(attribute, None)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -1,0 +1,5 @@
+"""``python -m lora_engine ...``: the same as the ``lora-engine`` command."""
+
+from lora_engine.cli import main
+
+raise SystemExit(main())
