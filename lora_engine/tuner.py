@@ -91,10 +91,19 @@ class LoraModel(nn.Module):
 
     # ------------------------------------------------------------------ wrappers
     def named_adapter_wrappers(self) -> Iterator[tuple[str, AdapterWrapper]]:
-        """``(module name in self.model, wrapper)`` for every LoRA layer and modules_to_save wrapper."""
-        for name, module in self.model.named_modules():
+        """``(module name in self.model, wrapper)`` for every LoRA layer and modules_to_save wrapper.
+
+        The walk does not descend into wrappers (they never nest), so its cost does not grow with the number
+        of adapters loaded: switching adapters stays flat.
+        """
+        pending = [("", self.model)]
+        while pending:
+            name, module = pending.pop()
             if isinstance(module, LoraLayer | ModulesToSaveWrapper):
                 yield name, module
+                continue
+            children = [(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()]
+            pending.extend(reversed(children))
 
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         for name, module in self.named_adapter_wrappers():

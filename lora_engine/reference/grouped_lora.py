@@ -18,9 +18,11 @@ def grouped_lora(
     batch, in_features = x.shape[0], x.shape[-1]
     tokens_per_row = math.prod(x.shape[1:-1])
     rows = x.to(lora_A.dtype).reshape(batch, tokens_per_row, in_features)  # [B, T, in]
-    index = row_adapter.clamp(min=0)
-    # A base-only row still gathers adapter 0's factors; its zero row scale removes the product.
-    row_scale = torch.where(row_adapter >= 0, scaling[index], torch.zeros_like(scaling[index]))
-    hidden = torch.bmm(rows, lora_A[index].transpose(1, 2))  # [B, T, r]
-    delta = torch.bmm(hidden, lora_B[index].transpose(1, 2)) * row_scale.to(lora_A.dtype)[:, None, None]
+    # Fold the scaling into B and append an all-zero adapter: index -1 picks it, so base-only rows need no mask
+    # and no pass over the [B, T, out] result.
+    scaled_B = lora_B * scaling.to(lora_B.dtype)[:, None, None]
+    lora_A = torch.cat([lora_A, lora_A.new_zeros(1, *lora_A.shape[1:])])
+    scaled_B = torch.cat([scaled_B, scaled_B.new_zeros(1, *scaled_B.shape[1:])])
+    hidden = torch.bmm(rows, lora_A[row_adapter].transpose(1, 2))  # [B, T, r]
+    delta = torch.bmm(hidden, scaled_B[row_adapter].transpose(1, 2))  # [B, T, out]
     return delta.reshape(*x.shape[:-1], lora_B.shape[1])
