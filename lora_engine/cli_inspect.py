@@ -18,11 +18,8 @@ from math import prod
 from pathlib import Path
 
 from lora_engine.cli import UsageError
+from lora_engine.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-SAVED_PREFIX = "base_model.model."
 # ".../q_proj.lora_A.weight" (Linear), ".../embed_tokens.lora_embedding_A" (Embedding).
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<factor>[AB])(?:\.weight)?$")
 

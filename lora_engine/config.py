@@ -17,14 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 from lora_engine.serialization import atomic_write
-
-CONFIG_NAME = "adapter_config.json"
-
-# The peft release whose adapter_config.json format we write, stored as `peft_version`. peft reads the key back
-# only to fill the field (its LoRA config never compares it against anything), so files naming 0.21.2 load in
-# peft 0.21.2 without a warning.
-PEFT_FORMAT_VERSION = "0.21.2"
 
 
 class PeftType(str, enum.Enum):

@@ -8,6 +8,7 @@ from torch import nn
 
 from lora_engine.config import LoraConfig
 from lora_engine.layers.base import LoraLayer
+from lora_engine.peft_format import SAVED_PREFIX
 from lora_engine.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 from lora_engine.tuner import LoraModel
 
@@ -64,7 +65,7 @@ def inject_adapter_in_model(
     """
     if state_dict is not None:
         targets = sorted({key.rsplit(".lora_", 1)[0] for key in state_dict if ".lora_" in key})
-        targets = [key.removeprefix("base_model.model.") for key in targets]
+        targets = [key.removeprefix(SAVED_PREFIX) for key in targets]
         peft_config.target_modules = set(targets)
     LoraModel(model, peft_config, adapter_name, autocast_adapter_dtype=True)
     return model

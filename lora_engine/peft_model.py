@@ -28,6 +28,7 @@ from lora_engine.integrations.trainer import (
     is_trainer_checkpoint_save,
     save_trainable_weights,
 )
+from lora_engine.peft_format import SAVED_PREFIX
 from lora_engine.serialization import (
     adapter_folder,
     check_adapter_name,
@@ -452,15 +453,14 @@ def _apply_key_mapping(
 ) -> dict[str, torch.Tensor]:
     """peft's ``key_mapping``: regex renames applied to keys without the ``base_model.model.`` prefix."""
 
-    prefix = "base_model.model."
     renamed = {}
     for key, value in weights.items():
-        bare = key.removeprefix(prefix)
+        bare = key.removeprefix(SAVED_PREFIX)
         for pattern, replacement in key_mapping.items():
             bare, count = re.subn(pattern, replacement, bare)
             if count:
                 break
-        renamed[prefix + bare] = value
+        renamed[SAVED_PREFIX + bare] = value
     return renamed
 
 

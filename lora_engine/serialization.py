@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
+from lora_engine.peft_format import BIN_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 
 
 def check_adapter_name(adapter_name: str) -> None:
@@ -106,7 +105,6 @@ def adapter_folder(save_directory: str, adapter_name: str) -> Path:
     return folder
 
 
-PEFT_PREFIX = "base_model.model."
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -203,7 +201,7 @@ def set_peft_model_state_dict(
         )
     key_map = adapter_key_map(model, adapter_name)
     model_state = model.state_dict()
-    uses_prefix = any(key.startswith(PEFT_PREFIX) for key in model_state)
+    uses_prefix = any(key.startswith(SAVED_PREFIX) for key in model_state)
     to_load, unexpected = {}, []
     for key, value in peft_model_state_dict.items():
         key = _with_prefix(key, uses_prefix)
@@ -228,10 +226,10 @@ def set_peft_model_state_dict(
 
 
 def _with_prefix(key: str, uses_prefix: bool) -> str:
-    if uses_prefix and not key.startswith(PEFT_PREFIX):
-        return PEFT_PREFIX + key
-    if not uses_prefix and key.startswith(PEFT_PREFIX):
-        return key.removeprefix(PEFT_PREFIX)
+    if uses_prefix and not key.startswith(SAVED_PREFIX):
+        return SAVED_PREFIX + key
+    if not uses_prefix and key.startswith(SAVED_PREFIX):
+        return key.removeprefix(SAVED_PREFIX)
     return key
 
 

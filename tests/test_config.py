@@ -7,14 +7,8 @@ import warnings
 import peft
 import pytest
 
-from lora_engine.config import (
-    CONFIG_NAME,
-    PEFT_FORMAT_VERSION,
-    LoraConfig,
-    PeftConfig,
-    PeftType,
-    TaskType,
-)
+from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
+from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 
 # A config that sets every field lora_engine supports away from its default.
 NON_DEFAULT_FIELDS = {
