@@ -7,6 +7,7 @@ import warnings
 from torch import nn
 
 from lora_engine.config import LoraConfig
+from lora_engine.ignored_options import warn_if_set
 from lora_engine.layers.base import LoraLayer
 from lora_engine.peft_format import SAVED_PREFIX
 from lora_engine.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
@@ -22,7 +23,11 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap ``model`` (mutated in place) with a new LoRA adapter; the class follows ``peft_config.task_type``."""
+    """Wrap ``model`` (mutated in place) with a new LoRA adapter; the class follows ``peft_config.task_type``.
+
+    ``low_cpu_mem_usage``: accepted for peft's signature; no effect (warns when True: ``ignored_options``).
+    """
+    warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
     if mixed:
         raise ValueError("mixed=True (PeftMixedModel) is not supported by lora_engine")
     if any(isinstance(module, LoraLayer) for module in model.modules()):
@@ -47,7 +52,6 @@ def get_peft_model(
         peft_config,
         adapter_name=adapter_name,
         autocast_adapter_dtype=autocast_adapter_dtype,
-        low_cpu_mem_usage=low_cpu_mem_usage,
     )
 
 
@@ -61,8 +65,10 @@ def inject_adapter_in_model(
     """Put LoRA layers into ``model`` in place, without a ``PeftModel`` wrapper; returns ``model``.
 
     State-dict keys then carry no ``base_model.model.`` prefix. With ``state_dict``, the targeted modules are
-    the ones its LoRA keys name (``<module>.lora_A.weight`` ...), as peft does.
+    the ones its LoRA keys name (``<module>.lora_A.weight`` ...), as peft does. ``low_cpu_mem_usage``: accepted
+    for peft's signature; no effect (warns when True: ``ignored_options``).
     """
+    warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
     if state_dict is not None:
         targets = sorted({key.rsplit(".lora_", 1)[0] for key in state_dict if ".lora_" in key})
         targets = [key.removeprefix(SAVED_PREFIX) for key in targets]

@@ -1,6 +1,7 @@
 """Combining several LoRA adapters into one: the math behind ``add_weighted_adapter``.
 
-Plain tensor functions, no modules: the tuner loops over layers and calls them per layer.
+Plain tensor functions, no modules: ``weighted.add_weighted_adapter`` loops over layers and calls them per
+layer.
 
 - **Task-arithmetic helpers** under peft's names and semantics (``peft.utils.merge_utils``): pruning
   (``prune``, ``magnitude_based_pruning``, ``random_pruning``), sign election (``calculate_majority_sign_mask``,
@@ -13,7 +14,7 @@ Plain tensor functions, no modules: the tuner loops over layers and calls them p
   by truncated SVD (``svd`` and the ``*_svd`` types). ``new_rank`` and ``resolve_combination_type`` hold
   peft's rules for the new adapter's rank and type.
 
-The new adapter's scaling is taken to be exactly 1: the tuner writes ``lora_alpha = r`` and
+The new adapter's scaling is taken to be exactly 1: ``add_weighted_adapter`` writes ``lora_alpha = r`` and
 ``use_rslora=False`` into its config, so ``B A`` of what these functions return is the whole delta. (peft keeps
 ``use_rslora`` from the first source, which makes its scaling ``√r`` instead of 1: huggingface/peft#3761.)
 """

@@ -1,59 +1,28 @@
 """``PeftModel`` and its task classes: the user-facing wrapper, with peft 0.21.2's API and files.
 
 ``PeftModel.base_model`` is a ``LoraModel`` and ``PeftModel.base_model.model`` the transformers model, so
-state-dict keys start with ``base_model.model.`` as in peft. ``PeftModel`` subclasses transformers'
-``PreTrainedModel`` only so that the stock ``Trainer`` treats it as a model of its own kind (calls our
-``save_pretrained``); it never runs ``PreTrainedModel.__init__``, and the attributes the Trainer and
-``generate`` read are taken from the wrapped model. ``integrations/trainer.py`` says how Trainer checkpoints are
-resumed and reloaded.
+state-dict keys start with ``base_model.model.`` as in peft. How it passes for a transformers ``PreTrainedModel``
+(for the stock ``Trainer`` and ``generate``) is ``integrations/pretrained.py``; the save and load walks are
+``adapter_files.py``.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import os
-import re
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
+from lora_engine.adapter_files import load_adapter_folder, save_adapters
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
-from lora_engine.integrations.trainer import (
-    frozen_state_keys,
-    is_trainer_checkpoint_save,
-    save_trainable_weights,
-)
-from lora_engine.peft_format import SAVED_PREFIX
-from lora_engine.serialization import (
-    adapter_folder,
-    check_adapter_name,
-    get_peft_model_state_dict,
-    load_adapter_weights,
-    save_adapter_weights,
-    set_peft_model_state_dict,
-)
+from lora_engine.ignored_options import warn_if_set
+from lora_engine.integrations.pretrained import WrappedPreTrainedModel
 from lora_engine.tuner import LoraModel
 
 
-class _FromWrappedModel:
-    """Read an attribute from the wrapped transformers model; ``PreTrainedModel``'s class default would
-    otherwise win over ``__getattr__`` forwarding."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        return getattr(instance.get_base_model(), self.name)
-
-
-class PeftModel(PreTrainedModel):
+class PeftModel(WrappedPreTrainedModel):
     """A transformers model with LoRA adapters; peft 0.21.2's ``PeftModel`` API.
 
     Args:
@@ -61,35 +30,11 @@ class PeftModel(PreTrainedModel):
         peft_config: the ``LoraConfig`` of the first adapter.
         adapter_name: its name (a plain folder name; ``"default"`` saves at the folder root).
         autocast_adapter_dtype: keep fp16/bf16 adapters in fp32, as peft does.
+        low_cpu_mem_usage: accepted for peft's signature; no effect (warns when True: ``ignored_options``).
     """
 
     # Modules a task head adds to ``modules_to_save`` (peft does the same per task class).
     task_modules_to_save: tuple[str, ...] = ()
-
-    # transformers' marker of a model with adapters: the Trainer then accepts a quantized base
-    # (validate_quantization_for_training), and enabling checkpointing makes the inputs require grad.
-    _hf_peft_config_loaded = True
-
-    # Attributes the Trainer and generate read, which PreTrainedModel would otherwise answer for itself.
-    get_input_embeddings = _FromWrappedModel()
-    get_output_embeddings = _FromWrappedModel()
-    tie_weights = _FromWrappedModel()
-    gradient_checkpointing_enable = _FromWrappedModel()
-    gradient_checkpointing_disable = _FromWrappedModel()
-    activation_checkpointing_enable = _FromWrappedModel()
-    activation_checkpointing_disable = _FromWrappedModel()
-    enable_input_require_grads = _FromWrappedModel()
-    disable_input_require_grads = _FromWrappedModel()
-    is_gradient_checkpointing = _FromWrappedModel()
-    supports_gradient_checkpointing = _FromWrappedModel()
-    _no_split_modules = _FromWrappedModel()
-    main_input_name = _FromWrappedModel()
-    can_generate = _FromWrappedModel()
-    loss_function = _FromWrappedModel()
-    resize_token_embeddings = _FromWrappedModel()
-    get_encoder = _FromWrappedModel()
-    get_decoder = _FromWrappedModel()
-    _keep_in_fp32_modules = _FromWrappedModel()
 
     def __init__(
         self,
@@ -100,6 +45,7 @@ class PeftModel(PreTrainedModel):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         nn.Module.__init__(self)
+        warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
         _check_config(peft_config)
         self._add_task_modules_to_save(peft_config)
         name_or_path = getattr(model, "name_or_path", None) or None
@@ -124,31 +70,6 @@ class PeftModel(PreTrainedModel):
             if name in ("_modules", "base_model"):
                 raise
             return getattr(self.base_model, name)
-
-    # ------------------------------------------------------------------ what the Trainer reads
-    @property
-    def accepts_loss_kwargs(self) -> bool:
-        """Whether the Trainer passes ``num_items_in_batch`` to ``forward`` (and then does not divide the loss by
-        the gradient-accumulation steps): decided from the wrapped model, as the Trainer does for peft."""
-        base = self.get_base_model()
-        if hasattr(base, "accepts_loss_kwargs"):
-            return base.accepts_loss_kwargs
-        parameters = inspect.signature(base.forward).parameters.values()
-        return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
-
-    @property
-    def _keys_to_ignore_on_save(self) -> list[str]:
-        # Trainer checkpoints hold only the trainable tensors; when the keys missing after reloading one are exactly
-        # these, the Trainer calls tie_weights() instead of warning about every frozen tensor.
-        return frozen_state_keys(self)
-
-    def _get_name(self) -> str:
-        # The Trainer's label smoothing shifts labels only when this is a causal-LM class name.
-        return self.get_base_model()._get_name()
-
-    def __repr__(self) -> str:
-        # nn.Module's printout starts with _get_name(); keep this class's name there, as peft does.
-        return type(self).__name__ + super().__repr__().removeprefix(self._get_name())
 
     def _add_task_modules_to_save(self, config: LoraConfig) -> None:
         if not self.task_modules_to_save:
@@ -184,7 +105,11 @@ class PeftModel(PreTrainedModel):
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add a new adapter; it starts inactive and frozen (``set_adapter`` activates it)."""
+        """Add a new adapter; it starts inactive and frozen (``set_adapter`` activates it).
+
+        ``low_cpu_mem_usage``: accepted for peft's signature; no effect (warns when True: ``ignored_options``).
+        """
+        warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
         _check_config(peft_config)
         self._add_task_modules_to_save(peft_config)
         self.base_model.inject_adapter(adapter_name, peft_config, autocast_adapter_dtype)
@@ -278,36 +203,15 @@ class PeftModel(PreTrainedModel):
                 "path_initial_model_for_weight_conversion is for PiSSA/OLoRA/CorDA adapters, which lora_engine "
                 "does not support yet"
             )
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown:
-            raise ValueError(
-                f"selected_adapters {unknown} not found; available adapters: {sorted(self.peft_config)}"
-            )
-        folders = {name: adapter_folder(save_directory, name) for name in names}
-        if not is_main_process:
-            return
-        for name, folder in folders.items():
-            weights = get_peft_model_state_dict(
-                self,
-                state_dict=kwargs.get("state_dict"),
-                adapter_name=name,
-                save_embedding_layers=save_embedding_layers,
-            )
-            save_adapter_weights(weights, str(folder), safe_serialization=safe_serialization)
-            config = copy.deepcopy(self.peft_config[name])
-            config.inference_mode = True
-            if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or None
-            if config.task_type is None:
-                base_class = type(self.get_base_model())
-                config.auto_mapping = {
-                    "base_model_class": base_class.__name__,
-                    "parent_library": base_class.__module__,
-                }
-            config.save_pretrained(folder)
-        if is_trainer_checkpoint_save(save_directory, kwargs):
-            save_trainable_weights(self, save_directory, kwargs["state_dict"])
+        save_adapters(
+            self,
+            save_directory,
+            selected_adapters,
+            safe_serialization=safe_serialization,
+            save_embedding_layers=save_embedding_layers,
+            is_main_process=is_main_process,
+            save_kwargs=kwargs,
+        )
 
     @classmethod
     def from_pretrained(
@@ -326,9 +230,13 @@ class PeftModel(PreTrainedModel):
         """Wrap ``model`` and load the adapter saved in the local folder ``model_id``.
 
         The wrapper class follows the saved ``task_type`` when called on ``PeftModel``. With
-        ``is_trainable=False`` the adapter is frozen and the model put in eval mode.
+        ``is_trainable=False`` the adapter is frozen and the model put in eval mode. ``adapter_name`` is checked
+        once, when the adapter is injected, before the model is changed.
+        ``ephemeral_gpu_offload``, ``low_cpu_mem_usage``: accepted for peft's signature; no effect (warn when
+        True: ``ignored_options``).
         """
-        check_adapter_name(adapter_name)
+        warn_if_set("ephemeral_gpu_offload", ephemeral_gpu_offload, False)
+        warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config.inference_mode = not is_trainable
@@ -358,50 +266,30 @@ class PeftModel(PreTrainedModel):
     ):
         """Load the adapter in folder ``model_id`` as ``adapter_name``; returns ``(missing, unexpected)`` keys.
 
-        A new name is added (inactive, like peft); an existing name only gets its weights reloaded.
+        A new name is added (inactive, like peft; ``add_adapter`` checks the name); an existing name only gets
+        its weights reloaded. ``ephemeral_gpu_offload``, ``low_cpu_mem_usage``: accepted for peft's signature; no
+        effect (warn when True: ``ignored_options``).
         """
-        check_adapter_name(adapter_name)
+        warn_if_set("ephemeral_gpu_offload", ephemeral_gpu_offload, False)
+        warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
         folder = Path(model_id) / kwargs["subfolder"] if kwargs.get("subfolder") else Path(model_id)
-        if adapter_name not in self.peft_config:
-            config = PeftConfig.from_pretrained(folder)
-            config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
-        if torch_device is None:
-            torch_device = next(self.parameters()).device
-        weights = load_adapter_weights(folder, device=torch_device)
-        if key_mapping:
-            weights = _apply_key_mapping(weights, key_mapping)
-        result = set_peft_model_state_dict(
+        return load_adapter_folder(
             self,
-            weights,
-            adapter_name=adapter_name,
+            folder,
+            adapter_name,
+            is_trainable=is_trainable,
+            torch_device=torch_device,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            key_mapping=key_mapping,
             ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
         )
-        if result.missing_keys:
-            warnings.warn(
-                f"Found missing adapter keys while loading the checkpoint {str(folder)!r}: {result.missing_keys}",
-                stacklevel=2,
-            )
-        if result.unexpected_keys:
-            warnings.warn(
-                f"Keys in {str(folder)!r} that match no module of adapter {adapter_name!r}: "
-                f"{result.unexpected_keys}",
-                stacklevel=2,
-            )
-        if not is_trainable:
-            for _, wrapper in self.base_model.named_adapter_wrappers():
-                for param in wrapper.parameters():
-                    param.requires_grad_(False)
-            self.eval()
-        elif adapter_name in self.active_adapters:
-            self.base_model.set_adapter(self.base_model.active_adapter)
-        return result
 
     # ------------------------------------------------------------------ running
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward. ``adapter_names`` (one per batch row, ``"__base__"`` for the base
-        model) runs each row with its own adapter."""
-        kwargs.pop("task_ids", None)
+        model) runs each row with its own adapter. ``task_ids``: accepted for peft's signature and dropped; no
+        effect (warns when given: ``ignored_options``)."""
+        warn_if_set("task_ids", kwargs.pop("task_ids", None))
         if adapter_names is None:
             return self.get_base_model()(*args, **kwargs)
         _check_rows(adapter_names, args, kwargs)
@@ -448,22 +336,6 @@ def _check_config(config) -> None:
         raise TypeError(f"lora_engine supports LoraConfig adapters only, got {type(config).__name__}")
 
 
-def _apply_key_mapping(
-    weights: dict[str, torch.Tensor], key_mapping: dict[str, str]
-) -> dict[str, torch.Tensor]:
-    """peft's ``key_mapping``: regex renames applied to keys without the ``base_model.model.`` prefix."""
-
-    renamed = {}
-    for key, value in weights.items():
-        bare = key.removeprefix(SAVED_PREFIX)
-        for pattern, replacement in key_mapping.items():
-            bare, count = re.subn(pattern, replacement, bare)
-            if count:
-                break
-        renamed[SAVED_PREFIX + bare] = value
-    return renamed
-
-
 class _InputsAndLabelsForward:
     """The explicit forward signature transformers' Trainer inspects: ``labels`` gives it ``label_names``,
     and named inputs keep ``remove_unused_columns`` from dropping them. ``None`` arguments are not passed on."""
@@ -484,7 +356,7 @@ class _InputsAndLabelsForward:
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels
         )
         named.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        return PeftModel.forward(self, **_given(named, return_dict=return_dict), **kwargs)
+        return PeftModel.forward(self, **_given(named, return_dict=return_dict, task_ids=task_ids), **kwargs)
 
 
 def _given(named: dict, **more) -> dict:
@@ -530,7 +402,7 @@ class PeftModelForQuestionAnswering(PeftModel):
         named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
         named.update(start_positions=start_positions, end_positions=end_positions)
         named.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        return super().forward(**_given(named, return_dict=return_dict), **kwargs)
+        return super().forward(**_given(named, return_dict=return_dict, task_ids=task_ids), **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -560,7 +432,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
             decoder_inputs_embeds=decoder_inputs_embeds,
         )
         named.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        return super().forward(**_given(named, return_dict=return_dict), **kwargs)
+        return super().forward(**_given(named, return_dict=return_dict, task_ids=task_ids), **kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType | str | None, type[PeftModel]] = {

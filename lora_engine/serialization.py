@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_engine.peft_format import BIN_NAME, SAFETENSORS_NAME, SAVED_PREFIX
+from lora_engine.state_tensors import state_tensors
 
 
 def check_adapter_name(adapter_name: str) -> None:
@@ -144,14 +145,6 @@ def _extra_saved_keys(
     return keys
 
 
-def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer under its state-dict name, read directly: unlike ``model.state_dict()`` this
-    runs no state-dict hooks (bitsandbytes' repack a CPU 4-bit weight in place, lossily)."""
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    return tensors
-
-
 def get_peft_model_state_dict(
     model: torch.nn.Module,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -174,7 +167,7 @@ def get_peft_model_state_dict(
         )
     config = model.peft_config[adapter_name]
     if state_dict is None:
-        state_dict = _named_tensors(model)
+        state_dict = state_tensors(model)
     key_map = adapter_key_map(model, adapter_name)
     saved = {saved_key: state_dict[in_memory] for saved_key, in_memory in key_map.items()}
     for key in _extra_saved_keys(model, config, list(state_dict), save_embedding_layers):
@@ -200,7 +193,7 @@ def set_peft_model_state_dict(
             f"Adapter {adapter_name!r} is not injected in the model; add it before loading weights"
         )
     key_map = adapter_key_map(model, adapter_name)
-    model_state = model.state_dict()
+    model_state = state_tensors(model)  # not model.state_dict(): see state_tensors (4-bit CPU bases)
     uses_prefix = any(key.startswith(SAVED_PREFIX) for key in model_state)
     to_load, unexpected = {}, []
     for key, value in peft_model_state_dict.items():

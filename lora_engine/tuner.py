@@ -21,6 +21,7 @@ from lora_engine.layers.dense import LoraLinear
 from lora_engine.layers.embedding import LoraEmbedding
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
+from lora_engine.module_tree import replace_submodule
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
 from lora_engine.weighted import add_weighted_adapter
@@ -43,32 +44,13 @@ def _wrap(module_name: str, module: nn.Module) -> LoraLayer:
     )
 
 
-def _replace(model: nn.Module, module_name: str, new_module: nn.Module) -> None:
-    parent_name, _, child_name = module_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, new_module)
-
-
-def _dense_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's unquantized floating-point weights (its embeddings, norms, head)."""
-    for param in model.parameters():
-        if param.dtype.is_floating_point and type(param) is nn.Parameter:
-            return param.dtype
-    return torch.float32
-
-
-def _forget_quantization(model: nn.Module) -> None:
-    """Mark a transformers model whose quantized layers were all made dense as a plain model again: no
-    quantizer, no quantization config, and no load-time bitsandbytes conversions for ``save_pretrained`` to
-    reverse, so ``.to(dtype)`` and ``save_pretrained`` treat it as a model built in full precision."""
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-        if flag in model.__dict__:
-            setattr(model, flag, False)
-    for attribute in ("hf_quantizer", "quantization_method", "_weight_conversions"):
-        model.__dict__.pop(attribute, None)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "quantization_config"):
-        del config.quantization_config
+@contextmanager
+def _naming_module(module_name: str):
+    """Re-raise a layer's ``ValueError`` with the name of the module it came from in front."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{module_name}: {err}") from err
 
 
 class LoraModel(nn.Module):
@@ -145,7 +127,7 @@ class LoraModel(nn.Module):
             return
         if not isinstance(module, LoraLayer):
             module = _wrap(module_name, module)
-            _replace(self.model, module_name, module)
+            replace_submodule(self.model, module_name, module)
             created.append((module_name, module))
         self._check_fan_in_fan_out(module_name, module, config)
         r, lora_alpha = rank_and_alpha(module_name, config)
@@ -174,13 +156,13 @@ class LoraModel(nn.Module):
                 module.add_adapter(adapter_name)
             elif not any(module_name.startswith(f"{name}.") for name, _ in created):
                 wrapper = ModulesToSaveWrapper(module, adapter_name)
-                _replace(self.model, module_name, wrapper)
+                replace_submodule(self.model, module_name, wrapper)
                 created.append((module_name, wrapper))
 
     def _roll_back(self, adapter_name: str, created: list[tuple[str, nn.Module]]) -> None:
         for module_name, wrapper in reversed(created):
             original = wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module
-            _replace(self.model, module_name, original)
+            replace_submodule(self.model, module_name, original)
         for _, wrapper in self.named_adapter_wrappers():
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
@@ -265,7 +247,7 @@ class LoraModel(nn.Module):
         for module_name, wrapper in list(self.named_adapter_wrappers()):
             if not wrapper.adapter_names:
                 original = wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module
-                _replace(self.model, module_name, original)
+                replace_submodule(self.model, module_name, original)
         remaining_active = [name for name in self.active_adapters if name != adapter_name]
         if remaining_active == self.active_adapters:
             return
@@ -354,12 +336,10 @@ class LoraModel(nn.Module):
         if adapter_names is not None:
             self._check_known(list(adapter_names))
         if safe_merge:
-            self._check_finite_merge(adapter_names)
+            self.check_merges_finite(adapter_names)
         for module_name, layer in self.lora_layers():
-            try:
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-            except ValueError as err:
-                raise ValueError(f"{module_name}: {err}") from err
+            with _naming_module(module_name):
+                layer.merge(adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.lora_layers():
@@ -374,10 +354,8 @@ class LoraModel(nn.Module):
         With ``safe_merge`` a broken adapter raises before any layer is replaced or any weight is changed.
         """
         if safe_merge:
-            self._check_finite_merge(adapter_names)
-        return self._unload(
-            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+            self.check_merges_finite(adapter_names)
+        return self._unload(merge=True, progressbar=progressbar, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Put every base layer back, without merging; returns the transformers model."""
@@ -389,44 +367,20 @@ class LoraModel(nn.Module):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
-        """Export a dense model: every bitsandbytes layer becomes an ``nn.Linear`` holding its dequantized
-        weight plus the merged LoRA deltas, computed in fp32 and cast once to ``dtype`` (default: the dtype of
-        the model's unquantized weights, so the exported layers fit the rest of the model). Unlike ``merge_and_unload`` on a 4-bit base, nothing is requantized, so no rounding
-        error is added. Returns the transformers model, no longer quantized.
-        """
-        from lora_engine.layers.bnb import dequantize_bnb_linear, is_bnb_linear
+        """Export a bitsandbytes-quantized model as a dense one; see ``layers.bnb_export``."""
+        from lora_engine.layers.bnb_export import merge_and_unload_dequantized  # imports bitsandbytes
 
-        dtype = dtype or _dense_dtype(self.model)
-        if safe_merge:
-            self._check_finite_merge(adapter_names)
-        for module_name, layer in list(self.lora_layers()):
-            if is_bnb_linear(layer.base_layer):
-                names = [name for name in (adapter_names or layer.active_adapters) if name in layer.r]
-                _replace(self.model, module_name, layer.to_dense(names, dtype))
-        model = self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
-        for module_name, module in list(model.named_modules()):
-            if is_bnb_linear(module):
-                _replace(model, module_name, dequantize_bnb_linear(module, dtype))
-        _forget_quantization(model)
-        return model
+        return merge_and_unload_dequantized(self, dtype, safe_merge, adapter_names)
 
-    def _check_finite_merge(self, adapter_names: list[str] | None) -> None:
+    def check_merges_finite(self, adapter_names: list[str] | None) -> None:
+        """``safe_merge`` for the whole model: every layer's ``check_merge_finite`` runs before any layer is
+        merged. ``ValueError`` naming the module and the adapter; nothing is mutated."""
         for module_name, layer in self.lora_layers():
-            for name in adapter_names or layer.active_adapters:
-                if name in layer.r and name not in layer.merged_adapters:
-                    merged = layer.dense_weight() + layer.get_delta_weight(name)
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights. The adapter {name!r} seems to be broken: "
-                            f"merging it into {module_name!r} gives NaN or Inf; nothing was merged"
-                        )
+            with _naming_module(module_name):
+                layer.check_merge_finite(adapter_names)
 
     def _unload(
-        self,
-        merge: bool,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
+        self, merge: bool, progressbar: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         wrappers = list(self.named_adapter_wrappers())
         if progressbar:
@@ -435,14 +389,12 @@ class LoraModel(nn.Module):
             wrappers = tqdm(wrappers, desc="Unloading and merging model" if merge else "Unloading model")
         for module_name, wrapper in wrappers:
             if isinstance(wrapper, ModulesToSaveWrapper):
-                _replace(self.model, module_name, wrapper.active_module())
+                replace_submodule(self.model, module_name, wrapper.active_module())
                 continue
             if merge:
-                try:
-                    wrapper.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                except ValueError as err:
-                    raise ValueError(f"{module_name}: {err}") from err
-            _replace(self.model, module_name, wrapper.base_layer)
+                with _naming_module(module_name):
+                    wrapper.merge(adapter_names=adapter_names)
+            replace_submodule(self.model, module_name, wrapper.base_layer)
         if "peft_config" in self.model.__dict__:
             del self.model.peft_config
         return self.model

@@ -8,7 +8,8 @@ for sources trained with rslora, where peft over-scales by ``√r`` (huggingface
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -17,12 +18,24 @@ from lora_engine.config import LoraConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 
-if TYPE_CHECKING:
-    from lora_engine.tuner import LoraModel
+
+class AdapterRegistry(Protocol):
+    """What ``add_weighted_adapter`` uses of a ``LoraModel`` (stated here so that ``tuner`` can import this
+    module without this module importing ``tuner``)."""
+
+    peft_config: dict[str, LoraConfig]
+
+    def named_adapter_wrappers(self) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]: ...
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]: ...
+
+    def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None: ...
+
+    def delete_adapter(self, adapter_name: str) -> None: ...
 
 
 def add_weighted_adapter(
-    lora_model: LoraModel,
+    lora_model: AdapterRegistry,
     adapters: list[str],
     weights: list[float],
     adapter_name: str,

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora_engine.serialization import atomic_write
+from lora_engine.state_tensors import state_tensors
 
 # transformers' SAFE_WEIGHTS_NAME, and its checkpoint folder pattern (trainer_utils._re_checkpoint): the Trainer
 # resumes from, and picks its best model among, exactly the folders that match.
@@ -49,7 +50,7 @@ def frozen_state_keys(model: nn.Module) -> list[str]:
     """The ``state_dict()`` keys that a checkpoint's ``model.safetensors`` leaves out: ``load_state_dict``
     reports exactly these as missing when it reloads one."""
     trainable = set(trainable_state_keys(model))
-    return [key for key in model.state_dict() if key not in trainable]
+    return [key for key in state_tensors(model) if key not in trainable]
 
 
 def save_trainable_weights(
@@ -58,7 +59,7 @@ def save_trainable_weights(
     """Write ``folder/model.safetensors`` (atomically): ``model``'s trainable tensors under their ``state_dict()``
     keys, values taken from ``state_dict`` when given (DeepSpeed and FSDP gather them there; a key absent from it
     is left out). Starts no collective: only the main process calls it."""
-    source = dict(model.named_parameters()) if state_dict is None else state_dict
+    source = state_tensors(model) if state_dict is None else state_dict
     tensors = {key: source[key].detach().contiguous() for key in trainable_state_keys(model) if key in source}
     atomic_write(
         Path(folder) / TRAINER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})

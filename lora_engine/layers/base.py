@@ -16,6 +16,7 @@ from torch import nn
 
 from lora_engine.layers.routing import AdapterRouting
 from lora_engine.ops.lora_merge import lora_delta, lora_merge
+from lora_engine.state_tensors import state_tensors
 
 
 def _versions(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
@@ -76,10 +77,11 @@ class LoraLayer(nn.Module):
         use_rslora: bool,
         init_lora_weights,
     ) -> None:
-        """Create the factors of ``adapter_name`` on the base weight's device, in fp32 or the base dtype.
+        """Create the factors of ``adapter_name`` on the base weight's device, frozen.
 
-        Factors are created in the base weight's dtype when it is floating point; ``PeftModel`` upcasts
-        half-precision adapters to fp32 afterwards (peft's ``autocast_adapter_dtype``).
+        They take the base weight's dtype when it is floating point, else stay fp32 (``_move_adapter_to_base``;
+        the 4-bit wrapper uses its compute dtype). ``LoraModel.inject_adapter`` then upcasts fp16/bf16 factors
+        to fp32 (peft's ``autocast_adapter_dtype``).
         """
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r} for adapter {adapter_name!r}")
@@ -128,7 +130,7 @@ class LoraLayer(nn.Module):
             if isinstance(entry, nn.Parameter):
                 keys[container_name] = f"{container_name}.{adapter_name}"
             else:
-                for key in entry.state_dict():
+                for key in state_tensors(entry):
                     keys[f"{container_name}.{key}"] = f"{container_name}.{adapter_name}.{key}"
         return keys
 
@@ -170,8 +172,9 @@ class LoraLayer(nn.Module):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold ``s · B A`` of ``adapter_names`` (default: the active ones) into the base weight, in place.
 
-        Already merged adapters are skipped with a warning. With ``safe_merge`` the merged weight is checked
-        for NaN/Inf before any write; a broken adapter raises ``ValueError`` and the base stays untouched.
+        Already merged adapters are skipped with a warning. With ``safe_merge`` each adapter is checked by
+        ``check_merge_finite`` just before it is merged; a broken one raises ``ValueError`` and leaves the base
+        weight as the adapters merged before it made it.
         """
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names must be a list of str, got the str {adapter_names!r}")
@@ -182,15 +185,28 @@ class LoraLayer(nn.Module):
         for name in names:
             if name in self.merged_adapters or name not in self.r:
                 continue
-            try:
-                self._apply_delta(name, subtract=False, check_finite=safe_merge)
-            except FloatingPointError as err:
+            if safe_merge:
+                self.check_merge_finite([name])
+            self._apply_delta(name, subtract=False)
+            self.merged_adapters.append(name)
+
+    def check_merge_finite(self, adapter_names: list[str] | None = None) -> None:
+        """peft's ``safe_merge`` check, the only one: ``ValueError`` if adding any one of ``adapter_names``
+        (default: the active ones; names this layer does not hold or has merged are skipped) to the base weight
+        as it is now would give NaN or Inf. Mutates nothing; ``LoraModel`` runs it on every layer before merging
+        any, so a broken adapter leaves the whole model untouched.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            merged = self.dense_weight() + self.get_delta_weight(name)
+            if not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {name!r} seems to be broken: merging it "
                     f"would put NaN or Inf into the base weight of {type(self.base_layer).__name__}; "
                     "the base weight is untouched"
-                ) from err
-            self.merged_adapters.append(name)
+                )
 
     def unmerge(self) -> None:
         """Subtract the merged adapters' deltas again, last merged first."""
@@ -198,9 +214,9 @@ class LoraLayer(nn.Module):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
-            self._apply_delta(self.merged_adapters.pop(), subtract=True, check_finite=False)
+            self._apply_delta(self.merged_adapters.pop(), subtract=True)
 
-    def _apply_delta(self, adapter_name: str, subtract: bool, check_finite: bool) -> None:
+    def _apply_delta(self, adapter_name: str, subtract: bool) -> None:
         lora_A, lora_B = self.lora_factors(adapter_name)
         lora_merge(
             self.base_layer.weight.data,
@@ -209,7 +225,6 @@ class LoraLayer(nn.Module):
             self.scaling[adapter_name],
             fan_in_fan_out=self.delta_is_transposed,
             subtract=subtract,
-            check_finite=check_finite,
         )
 
     def dense_weight(self) -> torch.Tensor:
@@ -252,16 +267,19 @@ class LoraLayer(nn.Module):
         scaling = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32, device=device)
         return lora_A, lora_B, scaling
 
-    def _adapters_to_run(self) -> list[str]:
-        """The adapters a forward adds on top of the base layer's output.
+    def _unmerge_if_disabled(self) -> None:
+        """With adapters disabled the forward must see the original base weight: unmerge any merged adapters
+        (mutates the base weight; peft does the same at the top of its forward). Every forward calls this
+        before it runs the base layer."""
+        if self.disable_adapters and self.merged:
+            self.unmerge()
 
-        None while adapters are disabled (merged adapters are unmerged first, so the base layer is the
-        original) or merged (the base weight already holds them); else the active adapters this layer holds.
+    def _adapters_to_run(self) -> list[str]:
+        """The adapters a forward adds on top of the base layer's output; reads state, changes none.
+
+        None while adapters are disabled or merged (the base weight already holds them); else the active
+        adapters this layer holds.
         """
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return []
-        if self.merged:
+        if self.disable_adapters or self.merged:
             return []
         return [name for name in self.active_adapters if name in self.r]

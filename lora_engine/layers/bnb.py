@@ -124,7 +124,8 @@ class _BnbLoraLinear(LoraLinear):
         """
         if self.routing is not None and not self.disable_adapters:
             return self._mixed_batch_forward(x, *args, **kwargs)
-        active = self._adapters_to_run()  # first: it unmerges a merged base when adapters are disabled
+        self._unmerge_if_disabled()
+        active = self._adapters_to_run()
         result = self.base_layer(x, *args, **kwargs)
         # peft's exact test: it reads CUDA autocast only, so CPU autocast still casts.
         cast_to_result = not torch.is_autocast_enabled()
@@ -145,11 +146,10 @@ class _BnbLoraLinear(LoraLinear):
         return lora_delta(lora_A, lora_B, self.scaling[adapter_name], fan_in_fan_out=False)
 
     @torch.no_grad()
-    def _apply_delta(self, adapter_name: str, subtract: bool, check_finite: bool) -> None:
+    def _apply_delta(self, adapter_name: str, subtract: bool) -> None:
         """Dequantize, add (or subtract) ``s · B A`` in fp32, quantize again; replaces ``base_layer.weight``.
 
-        Not exact: the requantization rounds, and unmerging does not undo it. With ``check_finite``, NaN or
-        Inf in the sum raises ``FloatingPointError`` before the base layer is touched.
+        Not exact: the requantization rounds, and unmerging does not undo it.
         """
         warnings.warn(
             f"{'Unmerge' if subtract else 'Merge'} lora module to {self.bits}-bit linear may get different "
@@ -159,10 +159,7 @@ class _BnbLoraLinear(LoraLinear):
         )
         delta = self.get_delta_weight(adapter_name)
         weight = self.dense_weight()
-        merged = weight - delta if subtract else weight + delta
-        if check_finite and not torch.isfinite(merged).all():
-            raise FloatingPointError("the merged weight would hold NaN or Inf")
-        self._requantize(merged)
+        self._requantize(weight - delta if subtract else weight + delta)
 
     def _requantize(self, weight: torch.Tensor) -> None:
         """Quantize the fp32 ``weight [out, in]`` in the base layer's format and make it the base weight."""

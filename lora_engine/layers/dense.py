@@ -52,6 +52,7 @@ class LoraLinear(LoraLayer):
         """``x [..., in]`` → ``[..., out]`` in the base layer's dtype."""
         if self.routing is not None and not self.disable_adapters:
             return self._mixed_batch_forward(x, *args, **kwargs)
+        self._unmerge_if_disabled()
         active = self._adapters_to_run()
         if not active:
             return self.base_layer(x, *args, **kwargs)

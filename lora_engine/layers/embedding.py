@@ -39,10 +39,12 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Token ids ``x [...]`` → ``[..., embedding_dim]`` in the base layer's dtype."""
-        result = self.base_layer(x, *args, **kwargs)
         if self.routing is not None and not self.disable_adapters:
+            result = self.base_layer(x, *args, **kwargs)
             delta = self._mixed_batch_delta(x)
             return result if delta is None else (result + self._scaled(delta)).to(result.dtype)
+        self._unmerge_if_disabled()
+        result = self.base_layer(x, *args, **kwargs)
         active = self._adapters_to_run()
         if not active:
             return result

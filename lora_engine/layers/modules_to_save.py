@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lora_engine.layers.routing import AdapterRouting
+from lora_engine.state_tensors import state_tensors
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -70,7 +71,7 @@ class ModulesToSaveWrapper(nn.Module):
         """Saved key suffix → in-memory key suffix: peft saves the copy under the original module's keys."""
         if adapter_name not in self.modules_to_save:
             return {}
-        copy_keys = self.modules_to_save[adapter_name].state_dict().keys()
+        copy_keys = state_tensors(self.modules_to_save[adapter_name])
         return {key: f"modules_to_save.{adapter_name}.{key}" for key in copy_keys}
 
     def active_module(self) -> nn.Module:
