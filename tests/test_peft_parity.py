@@ -356,8 +356,12 @@ def test_adapter_outputs_return_after_disable_adapter(llama_factory, input_ids):
     torch.testing.assert_close(logits(ours, input_ids), before, atol=0, rtol=0)
 
 
-def test_disable_adapter_on_merged_model_gives_base_logits_like_peft(llama_factory, input_ids):
-    theirs, ours = build_pair(llama_factory, **QV)
+@pytest.mark.parametrize(
+    "targets",
+    [pytest.param(QV, id="linear"), pytest.param({"target_modules": ["embed_tokens"]}, id="embedding")],
+)
+def test_disable_adapter_on_merged_model_gives_base_logits_like_peft(llama_factory, input_ids, targets):
+    theirs, ours = build_pair(llama_factory, **targets)
     theirs.merge_adapter()
     ours.merge_adapter()
     with theirs.disable_adapter(), ours.disable_adapter():
@@ -381,36 +385,15 @@ def test_merged_gpt2_conv1d_logits_equal_unmerged(gpt2_factory, input_ids):
 
 
 # ------------------------------------------------------------------------------------------ 5. safe_merge
-def test_safe_merge_adapter_refuses_nan(llama_factory):
-    _, ours = build_pair(llama_factory, **QV)
-    break_adapter(ours)
-    with pytest.raises(ValueError, match="NaNs detected"):
-        ours.merge_adapter(safe_merge=True)
-
-
-def test_safe_merge_adapter_refusing_nan_leaves_every_base_weight_untouched(llama_factory):
+@pytest.mark.parametrize("merge", ["merge_adapter", "merge_and_unload"])
+def test_safe_merge_refuses_nan_naming_layer_and_adapter_and_leaves_every_base_weight_untouched(
+    llama_factory, merge
+):
     _, ours = build_pair(llama_factory, **QV)
     break_adapter(ours)
     original = base_weights(ours)
-    with pytest.raises(ValueError):
-        ours.merge_adapter(safe_merge=True)
-    for name, weight in base_weights(ours).items():
-        assert torch.equal(weight, original[name]), name
-
-
-def test_safe_merge_and_unload_refuses_nan(llama_factory):
-    _, ours = build_pair(llama_factory, **QV)
-    break_adapter(ours)
-    with pytest.raises(ValueError, match="NaNs detected"):
-        ours.merge_and_unload(safe_merge=True)
-
-
-def test_safe_merge_and_unload_refusing_nan_leaves_every_base_weight_untouched(llama_factory):
-    _, ours = build_pair(llama_factory, **QV)
-    break_adapter(ours)
-    original = base_weights(ours)
-    with pytest.raises(ValueError):
-        ours.merge_and_unload(safe_merge=True)
+    with pytest.raises(ValueError, match=rf"{BROKEN_LAYER}: NaNs detected.*'default'"):
+        getattr(ours, merge)(safe_merge=True)
     for name, weight in base_weights(ours).items():
         assert torch.equal(weight, original[name]), name
 
