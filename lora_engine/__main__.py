@@ -1,5 +1,5 @@
 """``python -m lora_engine ...``: the same as the ``lora-engine`` command."""
 
-from lora_engine.cli import main
+from lora_engine.cli.main import main
 
 raise SystemExit(main())

@@ -1,7 +1,9 @@
-"""``prepare_model_for_kbit_training``: get a (usually quantized) transformers model ready for adapter training.
+"""k-bit (quantized) base models: ``nf4_config``, the 4-bit format the demo's QLoRA and ``lora-engine merge
+--load-in-4bit`` load a base in, and ``prepare_model_for_kbit_training``, which gets a (usually quantized)
+transformers model ready for adapter training.
 
-The steps and their order are peft 0.21.2's (``peft/utils/other.py``), so a model prepared here is, parameter for
-parameter and flag for flag, the model peft would have prepared.
+The steps of ``prepare_model_for_kbit_training`` and their order are peft 0.21.2's (``peft/utils/other.py``), so a
+model prepared here is, parameter for parameter and flag for flag, the model peft would have prepared.
 """
 
 from __future__ import annotations
@@ -15,6 +17,23 @@ import torch
 # Quantization methods (transformers' ``model.quantization_method``) whose weights are stored in their own formats:
 # their float parameters are left as they are, but the model still counts as quantized for gradient checkpointing.
 _NO_UPCAST_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """QLoRA's 4-bit recipe as a ``transformers.BitsAndBytesConfig``: NF4 weights with double quantization.
+
+    Pass it as ``quantization_config`` to a transformers ``from_pretrained``, which then turns the model's
+    ``nn.Linear`` layers (not the output head) into bitsandbytes ``Linear4bit`` layers whose forward dequantizes
+    their weight to ``compute_dtype`` (fp32, bf16 or fp16). Builds a new config on every call; mutates nothing.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def prepare_model_for_kbit_training(

@@ -13,8 +13,8 @@ from test_demo import tiny_chat_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lora_engine
-from lora_engine.cli import main
-from lora_engine.demo_model import load_base
+from lora_engine.cli.main import main
+from lora_engine.demo.model import load_base
 
 LORA = {
     "r": 4,
@@ -253,6 +253,72 @@ def test_bench_without_an_entry_point_exits_2_with_one_line(monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "lora_engine.bench", types.ModuleType("lora_engine.bench"))
     assert main(["bench"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# Runs `lora-engine ARGV...` (its output discarded) in a fresh interpreter and prints the names of the modules
+# imported by `import lora_engine` alone, then of those imported after the command, each list after a marker line.
+MODULES_AFTER_COMMAND = """
+import contextlib, io, sys
+import lora_engine
+print("--- package", *sys.modules, sep="\\n")
+from lora_engine.cli.main import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(sys.argv[1:])
+print("--- command", *sys.modules, sep="\\n")
+"""
+SUBCOMMAND_MODULES = {
+    "lora_engine.demo.command",
+    "lora_engine.demo.model",
+    "lora_engine.demo.data",
+    "lora_engine.demo.train",
+    "lora_engine.cli.inspect",
+    "lora_engine.cli.merge",
+    "lora_engine.bench",
+}
+
+
+def _modules_imported(*argv, cwd) -> tuple[set[str], set[str]]:
+    """``(modules after import lora_engine, modules after lora-engine ARGV)`` in a fresh interpreter."""
+    # Run outside the repository: from its root, the repo's kernels/ folder would shadow HF's `kernels` package.
+    result = subprocess.run(
+        [sys.executable, "-c", MODULES_AFTER_COMMAND, *map(str, argv)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    package_part, command_part = result.stdout.split("--- package\n", 1)[1].split("--- command\n", 1)
+    return set(package_part.splitlines()), set(command_part.splitlines())
+
+
+def test_top_level_help_imports_only_the_package_and_the_dispatcher(tmp_path):
+    package, after_help = _modules_imported("--help", cwd=tmp_path)
+
+    assert not after_help & SUBCOMMAND_MODULES
+    added = after_help - package
+    dispatcher = {"lora_engine.cli", "lora_engine.cli.main", "lora_engine.cli.errors"}
+    assert {name for name in added if name.split(".")[0] not in sys.stdlib_module_names} == dispatcher
+
+
+def test_subcommand_help_imports_that_subcommand_alone(tmp_path):
+    _, after_help = _modules_imported("inspect", "--help", cwd=tmp_path)
+    assert after_help & SUBCOMMAND_MODULES == {"lora_engine.cli.inspect"}
+
+
+def test_inspect_reads_a_safetensors_adapter_without_importing_torch(our_adapter, tmp_path):
+    # torch is blocked once the package is loaded (lora_engine itself imports it): any `import torch` on the
+    # inspect path would then raise ImportError and the command would fail.
+    code = (
+        "import sys, lora_engine\n"
+        "sys.modules['torch'] = None\n"
+        "from lora_engine.cli.main import main\n"
+        "assert main(['inspect', sys.argv[1]]) == 0\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(our_adapter)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "targeted modules: 14" in result.stdout
 
 
 def test_python_dash_m_lora_engine_lists_the_subcommands(tmp_path):

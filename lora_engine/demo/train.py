@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_engine.config import LoraConfig
-from lora_engine.demo_data import IGNORE_INDEX, PadToLongest, chat_prompt, pad_token_id
+from lora_engine.demo.data import IGNORE_INDEX, PadToLongest, chat_prompt, pad_token_id
 from lora_engine.kbit import prepare_model_for_kbit_training
 from lora_engine.mapping import get_peft_model
 from lora_engine.peft_model import PeftModel
@@ -77,7 +77,7 @@ def fine_tune(
     output_dir: Path,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Train a LoRA adapter on ``train_examples`` (``demo_data.encode_pairs`` output) and check it.
+    """Train a LoRA adapter on ``train_examples`` (``data.encode_pairs`` output) and check it.
 
     ``make_base()`` must return a fresh base model on ``device`` each call, with identical weights (it is called
     twice: to train, and to reload the saved adapter into). The adapter is saved to ``output_dir / "adapter"``.

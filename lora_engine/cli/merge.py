@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lora_engine.cli import UsageError
-from lora_engine.cli_inspect import read_adapter_config, read_tensor_infos
+from lora_engine.cli.errors import UsageError
+from lora_engine.cli.inspect import read_adapter_config, read_tensor_infos
+from lora_engine.kbit import nf4_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -129,7 +130,6 @@ def _load_with_adapter(base_dir: Path, adapter_dir: Path, quantize: bool):
     """The base (fp32, or as its folder's quantization config says, or NF4 if ``quantize``) on the CPU, with
     the adapter loaded; any mismatch between the two is a ``UsageError``."""
     from lora_engine.config import PeftConfig
-    from lora_engine.demo_model import nf4_config
     from lora_engine.peft_model import PeftModel
 
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from lora_engine.cli import UsageError
+from lora_engine.cli.errors import UsageError
 from lora_engine.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 
 # ".../q_proj.lora_A.weight" (Linear), ".../embed_tokens.lora_embedding_A" (Embedding).
