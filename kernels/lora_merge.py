@@ -99,18 +99,15 @@ def lora_merge_(
     subtract: bool,
     check_finite: bool,
 ) -> None:
-    """``weight ± s · B A`` in place; see ``ops.lora_merge`` for the contract.
+    """``weight ± s · B A`` in place; see ``ops.lora_merge`` for the contract, which checks the operands first.
 
+    ``weight [out, in]`` (``[in, out]`` when ``fan_in_fan_out``), any strides, fp32, fp16 or bf16;
+    ``lora_A [r, in]``, ``lora_B [out, r]``, any strides and float dtype (read as fp32); all on one device.
     Raises ``FloatingPointError`` (W untouched) when ``check_finite`` and the merged weight would hold NaN/Inf.
     """
     rank, in_features = lora_A.shape
     out_features = lora_B.shape[0]
     logical = weight.T if fan_in_fan_out else weight  # [out, in], a view
-    if tuple(logical.shape) != (out_features, in_features) or lora_B.shape[1] != rank:
-        raise ValueError(
-            f"lora_merge kernel: weight {tuple(weight.shape)} (fan_in_fan_out={fan_in_fan_out}), lora_A "
-            f"{tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit W [out, in] = B [out, r] A [r, in]"
-        )
     if weight.numel() == 0:
         return
     flag = torch.zeros(1, dtype=torch.int32, device=weight.device)

@@ -6,6 +6,9 @@ The setting comes from ``set_backend()`` if it was called, else from the environ
 - ``"auto"``: the Triton kernel for CUDA tensors when triton imports and the op has one; the reference otherwise.
 - ``"triton"``: the Triton kernel always. Where it cannot run, an error says why; never a silent fallback.
 - ``"reference"``: pure PyTorch.
+
+Each op asks once per call: an op with a kernel calls ``uses_triton`` and runs what it answers; an op without one
+calls ``require_reference``, which refuses ``"triton"``.
 """
 
 from __future__ import annotations
@@ -51,30 +54,35 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def uses_triton(op_name: str, device: torch.device, has_kernel: bool) -> bool:
-    """Whether ``op_name`` on tensors of ``device`` runs its Triton kernel (True) or the reference (False).
+def uses_triton(op_name: str, device: torch.device) -> bool:
+    """Whether ``op_name``, an op that has a Triton kernel, runs it (True) or the reference (False) on tensors of
+    ``device``.
 
-    ``has_kernel`` says whether a Triton kernel exists for this op. Raises ``RuntimeError`` when the
-    backend is ``"triton"`` and the kernel cannot run: no kernel for this op, triton not installed, or
+    Raises ``RuntimeError`` when the backend is ``"triton"`` and the kernel cannot run: triton not installed, or
     CPU tensors without ``TRITON_INTERPRET=1``.
     """
     backend = get_backend()
     if backend == "reference":
         return False
     triton_installed = _triton_installed()
-    runnable = device.type == "cuda" or _triton_interpreted()
     if backend == "auto":
-        return has_kernel and triton_installed and device.type == "cuda"
-    if not has_kernel:
-        raise RuntimeError(
-            f"{ENV_VAR}=triton, but op '{op_name}' has no Triton kernel yet; "
-            f"set {ENV_VAR}=auto or {ENV_VAR}=reference to use the PyTorch reference"
-        )
+        return triton_installed and device.type == "cuda"
     if not triton_installed:
         raise RuntimeError(f"{ENV_VAR}=triton, but triton is not installed (pip install triton)")
-    if not runnable:
+    if device.type != "cuda" and not _triton_interpreted():
         raise RuntimeError(
             f"{ENV_VAR}=triton, but op '{op_name}' got {device.type} tensors: Triton runs on CUDA, "
             "or on the CPU only under TRITON_INTERPRET=1"
         )
     return True
+
+
+def require_reference(op_name: str) -> None:
+    """For ``op_name``, an op with no Triton kernel yet, which therefore always runs the reference: returns under
+    ``"auto"`` and ``"reference"``; raises ``RuntimeError`` naming the op under ``"triton"``, which asks for a
+    kernel that does not exist."""
+    if get_backend() == "triton":
+        raise RuntimeError(
+            f"{ENV_VAR}=triton, but op '{op_name}' has no Triton kernel yet; "
+            f"set {ENV_VAR}=auto or {ENV_VAR}=reference to use the PyTorch reference"
+        )

@@ -84,15 +84,15 @@ def test_triton_on_cpu_tensors_without_the_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        backend.uses_triton("some_op", torch.device("cpu"), has_kernel=True)
+        backend.uses_triton("some_op", torch.device("cpu"))
 
 
 def test_triton_with_the_interpreter_runs_an_existing_kernel(monkeypatch):
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend.uses_triton("some_op", torch.device("cpu"), has_kernel=True)
+    assert backend.uses_triton("some_op", torch.device("cpu"))
 
 
 def test_reference_never_uses_triton(monkeypatch):
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "reference")
-    assert not backend.uses_triton("some_op", torch.device("cpu"), has_kernel=True)
+    assert not backend.uses_triton("some_op", torch.device("cpu"))

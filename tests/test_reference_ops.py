@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_engine.ops.lora_linear import lora_linear
+from lora_engine.ops.lora_linear import lora_linear, reference_lora_linear
 from lora_engine.ops.lora_merge import lora_merge
-from lora_engine.reference.lora_linear import LoraLinearFunction, dropout_keep_mask
+from lora_engine.reference.lora_linear import dropout_keep_mask
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -91,7 +91,7 @@ def test_lora_linear_without_weight_returns_only_the_low_rank_term():
 def test_dropout_gradients_match_the_formula_fed_the_same_mask(p):
     x, weight, bias, lora_A, lora_B = _operands(torch.float32)
     seed = 1234
-    ours = LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, 0.5, p, seed, False)
+    ours = reference_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, seed, False)
     keep = dropout_keep_mask(x.shape, p, seed, x.device)
     plain = _plain(x, weight, bias, lora_A, lora_B, 0.5, keep=keep, p=p)
     torch.testing.assert_close(ours, plain)
@@ -105,7 +105,7 @@ def test_dropout_passes_gradcheck_in_double():
     )
     lora_A.requires_grad_(), lora_B.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda *args: LoraLinearFunction.apply(*args, 0.8, 0.3, 99, False), (x, weight, bias, lora_A, lora_B)
+        lambda *args: reference_lora_linear(*args, 0.8, 0.3, 99, False), (x, weight, bias, lora_A, lora_B)
     )
 
 

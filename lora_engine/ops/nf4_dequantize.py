@@ -16,7 +16,8 @@ Contract::
   Each element is ``code[index] * absmax[block]`` computed in fp32, then rounded to nearest-even.
 
 Nothing is mutated. No gradient flows (the 4-bit weight is frozen). Raises ``ValueError`` for an unknown
-``quant_type``, or when ``packed`` or ``absmax`` holds fewer entries than ``quant_state.shape`` needs.
+``quant_type``, or when ``packed`` or ``absmax`` holds fewer entries than ``quant_state.shape`` needs. There is no
+Triton kernel yet: the reference always runs, and ``LORA_ENGINE_BACKEND=triton`` is refused.
 
 Where bitsandbytes' own decodes disagree with one another, this op follows the format and bnb's pure-PyTorch
 decode (``bitsandbytes/backends/default/ops.py``), which it matches bit for bit:
@@ -42,7 +43,8 @@ from lora_engine import backend
 from lora_engine.reference import nf4_dequantize as reference
 
 
-def _check(packed: torch.Tensor, quant_state) -> None:
+def check_operands(packed: torch.Tensor, quant_state) -> None:
+    """The contract of the module docstring on ``quant_type`` and sizes; raises what it says."""
     if quant_state.quant_type not in reference.CODE_TABLES:
         raise ValueError(
             f"nf4_dequantize: quant_type {quant_state.quant_type!r} is not a 4-bit type; expected 'nf4' or 'fp4'"
@@ -66,6 +68,6 @@ def _check(packed: torch.Tensor, quant_state) -> None:
 def nf4_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """Packed 4-bit ``packed`` + ``quant_state`` → ``quant_state.shape`` in ``quant_state.dtype``; see the module
     docstring."""
-    backend.uses_triton("nf4_dequantize", packed.device, has_kernel=False)
-    _check(packed, quant_state)
+    backend.require_reference("nf4_dequantize")
+    check_operands(packed, quant_state)
     return reference.nf4_dequantize(packed, quant_state)

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 import triton
-from lora_engine.kernels import lora_linear, lora_merge
+from lora_engine.kernels import fused_linear, lora_merge, low_rank
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -78,7 +78,7 @@ def _tensor(dtype):
 
 def _fused_cases():
     bf16, fp32 = torch.bfloat16, torch.float32
-    # (name, x dtype, adapter dtype, has_base, has_bias, dropout, m, k, rhs strides, factor strides)
+    # (name, x dtype, adapter dtype, has_base, has_bias, dropout, n, k, weight strides, lora_B strides)
     cases = [
         (
             "forward bf16 x, fp32 adapters, bias",
@@ -141,49 +141,60 @@ def _fused_cases():
             (1, RANK),
         ),
     ]
-    for name, x_dtype, adapter_dtype, has_base, has_bias, dropout, m, k, rhs_strides, factor_strides in cases:
+    for (
+        name,
+        x_dtype,
+        adapter_dtype,
+        has_base,
+        has_bias,
+        dropout,
+        n,
+        k,
+        weight_strides,
+        lora_B_strides,
+    ) in cases:
         out_dtype = x_dtype if has_base else adapter_dtype
         args = {
-            "lhs_ptr": _tensor(x_dtype), "rhs_ptr": _tensor(x_dtype), "bias_ptr": _tensor(x_dtype),
-            "hidden_ptr": _tensor(adapter_dtype), "factor_ptr": _tensor(adapter_dtype), "out_ptr": _tensor(out_dtype),
-            "N": TOKENS, "M": m, "K": k, "R": RANK, "stride_lhs_n": k or 16, "stride_lhs_k": 1,
-            "stride_rhs_k": rhs_strides[0], "stride_rhs_m": rhs_strides[1], "stride_hidden_n": RANK, "stride_hidden_r": 1,
-            "stride_factor_r": factor_strides[0], "stride_factor_m": factor_strides[1], "stride_out_n": m,
-            "stride_out_m": 1, "scale": 0.5, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
+            "x_ptr": _tensor(x_dtype), "weight_ptr": _tensor(x_dtype), "bias_ptr": _tensor(x_dtype),
+            "xa_ptr": _tensor(adapter_dtype), "lora_B_ptr": _tensor(adapter_dtype), "out_ptr": _tensor(out_dtype),
+            "M": TOKENS, "N": n, "K": k, "R": RANK, "stride_x_m": k or 16, "stride_x_k": 1,
+            "stride_weight_k": weight_strides[0], "stride_weight_n": weight_strides[1], "stride_xa_m": RANK,
+            "stride_xa_r": 1, "stride_lora_B_r": lora_B_strides[0], "stride_lora_B_n": lora_B_strides[1],
+            "stride_out_m": n, "stride_out_n": 1, "scale": 0.5, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
         }  # fmt: skip
         constexprs = {
             "HAS_BASE": has_base, "HAS_BIAS": has_bias, "HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3",
             "LOW_RANK_PRECISION": "tf32x3" if out_dtype == fp32 else "tf32", "BLOCK_R": RANK,
         }  # fmt: skip
-        yield _autotuned(f"fused: {name}", lora_linear._fused_linear_kernel, args, constexprs)
+        yield _autotuned(f"fused: {name}", fused_linear._fused_linear_kernel, args, constexprs)
 
 
 def _rank_cases():
     bf16, fp32 = torch.bfloat16, torch.float32
-    for name, k, dropout, factor_strides in [
+    for name, k, dropout, lora_A_strides in [
         ("xa = drop(x) Aᵀ", IN_FEATURES, True, (1, IN_FEATURES)),
         ("dxa = s dy B", OUT_FEATURES, False, (RANK, 1)),
     ]:
         args = {
-            "src_ptr": _tensor(bf16), "factor_ptr": _tensor(fp32), "out_ptr": _tensor(fp32), "N": TOKENS, "K": k,
-            "R": RANK, "stride_src_n": k, "stride_src_k": 1, "stride_factor_k": factor_strides[0],
-            "stride_factor_r": factor_strides[1], "stride_out_n": RANK, "stride_out_r": 1, "scale": 1.1, "seed": SEED,
+            "x_ptr": _tensor(bf16), "lora_A_ptr": _tensor(fp32), "out_ptr": _tensor(fp32), "M": TOKENS, "K": k,
+            "R": RANK, "stride_x_m": k, "stride_x_k": 1, "stride_lora_A_k": lora_A_strides[0],
+            "stride_lora_A_r": lora_A_strides[1], "stride_out_m": RANK, "stride_out_r": 1, "scale": 1.1, "seed": SEED,
             "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
         }  # fmt: skip
         constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
-        yield _autotuned(f"project: {name}", lora_linear._project_kernel, args, constexprs)
+        yield _autotuned(f"project: {name}", low_rank._project_kernel, args, constexprs)
     for name, k, dropout, partial_strides in [
         ("dA", IN_FEATURES, True, (IN_FEATURES * RANK, 1, IN_FEATURES)),
         ("dB", OUT_FEATURES, False, (OUT_FEATURES * RANK, RANK, 1)),
     ]:
         args = {
-            "src_ptr": _tensor(bf16), "hidden_ptr": _tensor(fp32), "partial_ptr": _tensor(fp32), "N": TOKENS, "K": k,
-            "R": RANK, "rows_per_split": 256, "stride_src_n": k, "stride_src_k": 1, "stride_hidden_n": RANK,
-            "stride_hidden_r": 1, "stride_partial_split": partial_strides[0], "stride_partial_k": partial_strides[1],
+            "x_ptr": _tensor(bf16), "dxa_ptr": _tensor(fp32), "partial_ptr": _tensor(fp32), "M": TOKENS, "K": k,
+            "R": RANK, "rows_per_split": 256, "stride_x_m": k, "stride_x_k": 1, "stride_dxa_m": RANK,
+            "stride_dxa_r": 1, "stride_partial_split": partial_strides[0], "stride_partial_k": partial_strides[1],
             "stride_partial_r": partial_strides[2], "scale": 1.1, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
         }  # fmt: skip
         constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
-        yield _autotuned(f"outer: {name}", lora_linear._outer_kernel, args, constexprs)
+        yield _autotuned(f"outer: {name}", low_rank._outer_kernel, args, constexprs)
 
 
 def _merge_cases():

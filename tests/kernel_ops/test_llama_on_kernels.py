@@ -46,7 +46,7 @@ def test_logits_and_lora_gradients_match_the_reference_backend(
     kernels, llama_factory, input_ids, monkeypatch, dtype, dropout
 ):
     # With dropout, the reference draws the kernel's Philox mask for the same seeds.
-    monkeypatch.setattr(reference, "dropout_keep_mask", kernels.lora_linear.dropout_keep_mask)
+    monkeypatch.setattr(reference, "dropout_keep_mask", kernels.keep_mask.dropout_keep_mask)
     model = _peft_llama(llama_factory, dtype, dropout).train(dropout > 0)
     logits, grads = _logits_and_lora_grads(model, input_ids)
 

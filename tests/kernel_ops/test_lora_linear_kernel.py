@@ -5,7 +5,7 @@ import pytest
 import torch
 from triton_interpreter import kernels_fixture  # noqa: F401  (registers the `kernels` fixture)
 
-from lora_engine.ops.lora_linear import lora_linear
+from lora_engine.ops.lora_linear import lora_linear, reference_lora_linear, triton_lora_linear
 from lora_engine.reference import lora_linear as reference
 
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -70,10 +70,12 @@ def _assert_matches_reference(got_fn, want_fn, inputs, compute_dtype=None):
 
 
 def _both(kernels, operands, scaling, dropout_p=0.0, seed=0, fan_in_fan_out=False):
-    def run(module):
-        return lambda: module.lora_linear(*operands, scaling, dropout_p, seed, fan_in_fan_out)
+    """The op on the Triton kernels and on the reference, each a thunk, with the same dropout seed."""
 
-    return run(kernels.lora_linear), run(reference)
+    def run(backend_op):
+        return lambda: backend_op(*operands, scaling, dropout_p, seed, fan_in_fan_out)
+
+    return run(triton_lora_linear), run(reference_lora_linear)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
@@ -137,7 +139,7 @@ def test_under_autocast_everything_runs_in_the_autocast_dtype_as_in_the_referenc
 @pytest.fixture
 def reference_fed_the_kernel_mask(kernels, monkeypatch):
     """The reference, drawing its dropout masks with the kernel's Philox mask instead of torch's generator."""
-    monkeypatch.setattr(reference, "dropout_keep_mask", kernels.lora_linear.dropout_keep_mask)
+    monkeypatch.setattr(reference, "dropout_keep_mask", kernels.keep_mask.dropout_keep_mask)
     return reference
 
 
@@ -161,7 +163,7 @@ def test_dropout_mask_follows_the_logical_index_not_the_memory_layout(
 
 def test_dropout_drops_at_the_requested_rate(kernels):
     p, shape = 0.25, (256, 512)
-    keep = kernels.lora_linear.dropout_keep_mask(shape, p, 12345, torch.device("cpu"))
+    keep = kernels.keep_mask.dropout_keep_mask(shape, p, 12345, torch.device("cpu"))
     assert keep.shape == shape and keep.dtype == torch.bool
     sigma = (p * (1 - p) / keep.numel()) ** 0.5
     assert abs((~keep).float().mean().item() - p) < 5 * sigma
@@ -169,7 +171,7 @@ def test_dropout_drops_at_the_requested_rate(kernels):
     assert (~keep).float().mean(1).std().item() < 3 * (p * (1 - p) / shape[1]) ** 0.5
     assert (~keep).float().mean(0).std().item() < 3 * (p * (1 - p) / shape[0]) ** 0.5
     # Another seed draws an independent mask: the two agree on keep/drop as independent draws would.
-    other = kernels.lora_linear.dropout_keep_mask(shape, p, 12346, torch.device("cpu"))
+    other = kernels.keep_mask.dropout_keep_mask(shape, p, 12346, torch.device("cpu"))
     agreement = (keep == other).float().mean().item()
     assert abs(agreement - ((1 - p) ** 2 + p**2)) < 0.01
 
@@ -206,15 +208,15 @@ def test_only_the_gradients_asked_for_are_computed(kernels):
     x.requires_grad_(False)
     bias.requires_grad_(False)
     lora_A.requires_grad_(False)
-    out = kernels.lora_linear.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
+    out = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
     (grad_B,) = torch.autograd.grad(out.sum(), [lora_B])
-    want = reference.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
+    want = reference_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
     torch.testing.assert_close(grad_B, torch.autograd.grad(want.sum(), [lora_B])[0])
 
 
 def test_empty_input_gives_empty_output_and_zero_adapter_gradients(kernels):
     x, weight, bias, lora_A, lora_B = _operands(torch.float32, leading=(0,))
-    out = kernels.lora_linear.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.1, 3, False)
+    out = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.1, 3, False)
     assert out.shape == (0, OUT_FEATURES)
     grad_A, grad_B = torch.autograd.grad(out.sum(), [lora_A, lora_B])
     assert not grad_A.any() and not grad_B.any()
@@ -229,7 +231,7 @@ def test_saves_the_input_once_and_no_dropped_copy(kernels):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        kernels.lora_linear.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.3, 5, False)
+        triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.3, 5, False)
     big = [tensor for tensor in saved if tensor.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     assert any(tensor.shape == (ROWS, RANK) for tensor in saved)  # the [N, r] product
@@ -239,10 +241,11 @@ def test_the_op_runs_the_kernel_under_the_triton_backend(kernels, monkeypatch):
     def fail(*args):
         raise AssertionError("the reference ran")
 
-    monkeypatch.setattr(reference, "lora_linear", fail)
+    monkeypatch.setattr(reference, "eager_lora_linear", fail)
+    monkeypatch.setattr(reference, "forward", fail)
     x, weight, bias, lora_A, lora_B = _operands(torch.float32)
     out = lora_linear(x, weight, bias, lora_A, lora_B, 0.5)
-    want = kernels.lora_linear.lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
+    want = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
     torch.testing.assert_close(out, want)
 
 
@@ -262,4 +265,4 @@ def test_bad_operands_are_refused_naming_the_operand(kernels, change, message):
     for name, transform in change.items():
         named[name] = transform(named[name].detach())
     with pytest.raises((TypeError, ValueError), match=message):
-        kernels.lora_linear.lora_linear(*named.values(), 0.5, 0.0, 0, False)
+        triton_lora_linear(*named.values(), 0.5, 0.0, 0, False)

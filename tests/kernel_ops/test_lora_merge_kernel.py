@@ -112,4 +112,4 @@ def test_the_op_runs_the_kernel_under_the_triton_backend(kernels, monkeypatch):
 def test_mismatched_shapes_are_refused_naming_them(kernels):
     lora_A, lora_B = _factors()
     with pytest.raises(ValueError, match=r"weight \(45, 29\) \(fan_in_fan_out=False\), lora_A \(3, 45\)"):
-        _merge(kernels.lora_merge.lora_merge_, _weight(torch.float32).T, lora_A, lora_B, 1.0, False)
+        merge_op.lora_merge(_weight(torch.float32).T, lora_A, lora_B, 1.0)  # the op checks, then the kernel

@@ -30,7 +30,12 @@ from triton.runtime.jit import JITFunction
 
 from lora_engine import backend
 
-KERNEL_MODULES = ("lora_engine.kernels.lora_linear", "lora_engine.kernels.lora_merge")
+# Attribute of the fixture's namespace → module. `philox_keep_mask` is test support next to this file.
+KERNEL_MODULES = {
+    "lora_linear": "lora_engine.kernels.lora_linear",
+    "lora_merge": "lora_engine.kernels.lora_merge",
+    "keep_mask": "philox_keep_mask",
+}
 
 
 def _interpret_triton_language(patch: pytest.MonkeyPatch) -> None:
@@ -52,7 +57,8 @@ def _interpret_triton_language(patch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module", name="kernels")
 def kernels_fixture():
-    """A namespace with the kernel modules: ``kernels.lora_linear``, ``kernels.lora_merge``."""
+    """A namespace with the kernel modules: ``kernels.lora_linear``, ``kernels.lora_merge`` (the backends' math)
+    and ``kernels.keep_mask`` (the kernels' dropout mask as a tensor, for tests)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
         patch.setenv(backend.ENV_VAR, "triton")
@@ -65,5 +71,5 @@ def kernels_fixture():
                 "compiled for a GPU and cannot run here; import it only through the ops or this fixture"
             )
         _interpret_triton_language(patch)
-        modules = {name.rsplit(".", 1)[1]: importlib.import_module(name) for name in KERNEL_MODULES}
+        modules = {name: importlib.import_module(module) for name, module in KERNEL_MODULES.items()}
         yield types.SimpleNamespace(**modules)

@@ -1,0 +1,274 @@
+"""The memory-bound rank-r passes of the LoRA linear: projecting rows onto the rank, and the adapter gradients.
+
+- ``project``: ``out [M, R] = scale · (keep ⊙ x) @ lora_A``, one pass over ``x [M, K]``. Named for the forward,
+  ``xa = drop(x) Aᵀ`` (``lora_A = Aᵀ [in, r]``, ``scale = 1/(1-p)``, the mask); the backward launches it on
+  ``dy [M, out]`` and ``B [out, r]`` with ``scale = s`` and no mask, for ``dxa = s · dy B``.
+- ``outer``: ``scale · (keep ⊙ x)ᵀ @ dxa``, a reduction over the M rows, ``[K, R]`` (or transposed). Named for
+  ``dAᵀ = drop(x)ᵀ dxa`` (``x [M, in]``, ``dxa [M, r]``, ``scale = 1/(1-p)``, the mask, written transposed as
+  ``dA [r, in]``); ``dB = s · dyᵀ xa`` launches it on ``dy [M, out]`` and ``xa [M, r]`` with ``scale = s``. Rows are split into ranges that
+  each write an fp32 partial, summed by torch in a fixed order: deterministic, no atomics.
+
+M rows (tokens), K the features of the row operand, R the rank, as in Triton's matmul tutorial.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import autotune_configs, cast, dot_acc, dropout_keep, fp32_dot_precision, rank_block, row_splits
+
+__all__ = ["outer", "project"]
+
+
+def _project_configs() -> list[triton.Config]:
+    def config(block_m, block_k, stages, warps):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_stages=stages, num_warps=warps)
+
+    # Memory-bound: small row tiles give enough programs to fill the GPU at moderate M. Every tile holds at
+    # most 32 row-operand values per thread, which is what the Philox draws and three-pass TF32 dots fit in
+    # without spilling (compiled for sm_90a).
+    return autotune_configs(
+        [
+            config(16, 128, 4, 4),
+            config(32, 128, 4, 4),
+            config(64, 64, 4, 4),
+            config(64, 128, 3, 8),
+            config(128, 64, 3, 8),
+        ],
+        interpreter_config=config(16, 16, 1, 1),
+    )
+
+
+@triton.autotune(configs=_project_configs(), key=["K", "R", "ROWS_BUCKET", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _project_kernel(
+    x_ptr,  # [M, K]
+    lora_A_ptr,  # [K, R]
+    out_ptr,  # [M, R]
+    M,
+    K,
+    R,
+    stride_x_m,
+    stride_x_k,
+    stride_lora_A_k,
+    stride_lora_A_r,
+    stride_out_m,
+    stride_out_r,
+    scale,
+    seed,
+    dropout_p,
+    ROWS_BUCKET,
+    HAS_DROPOUT: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``out = scale · (keep ⊙ x) @ lora_A``: ``[M, K] → [M, R]``; ``x`` is cast to ``lora_A``'s dtype before the
+    dot. See the module docstring for what the operands hold forward and backward."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    rows64 = rows.to(tl.int64)
+
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows64[:, None] * stride_x_m + ks[None, :] * stride_x_k
+    lora_A_ptrs = lora_A_ptr + ks[:, None] * stride_lora_A_k + ranks[None, :] * stride_lora_A_r
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_ok = ks < K - k_start
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rows, k_start + ks, K, dropout_p), x, 0.0)
+        lora_A = tl.load(lora_A_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = dot_acc(cast(x, lora_A.dtype), lora_A, acc, FP32_PRECISION)
+        x_ptrs += BLOCK_K * stride_x_k
+        lora_A_ptrs += BLOCK_K * stride_lora_A_k
+    acc = acc * scale
+
+    out_ptrs = out_ptr + rows64[:, None] * stride_out_m + ranks[None, :] * stride_out_r
+    tl.store(out_ptrs, cast(acc, out_ptr.dtype.element_ty), mask=row_ok[:, None] & rank_ok[None, :])
+
+
+def _outer_configs() -> list[triton.Config]:
+    def config(block_k, block_m, stages, warps):
+        return triton.Config({"BLOCK_K": block_k, "BLOCK_M": block_m}, num_stages=stages, num_warps=warps)
+
+    # At most 32 row-operand values per thread, as for the projection.
+    return autotune_configs(
+        [
+            config(64, 64, 4, 4),
+            config(32, 128, 4, 4),
+            config(64, 128, 3, 8),
+            config(128, 64, 3, 8),
+            config(128, 128, 3, 16),
+        ],
+        interpreter_config=config(16, 16, 1, 1),
+    )
+
+
+@triton.autotune(configs=_outer_configs(), key=["K", "R", "ROWS_BUCKET", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _outer_kernel(
+    x_ptr,  # [M, K]
+    dxa_ptr,  # [M, R]
+    partial_ptr,  # [splits, K, R] (any strides), fp32
+    M,
+    K,
+    R,
+    rows_per_split,
+    stride_x_m,
+    stride_x_k,
+    stride_dxa_m,
+    stride_dxa_r,
+    stride_partial_split,
+    stride_partial_k,
+    stride_partial_r,
+    scale,
+    seed,
+    dropout_p,
+    ROWS_BUCKET,
+    HAS_DROPOUT: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """``partial[split] = scale · Σ_{rows of split} (keep ⊙ x)ᵀ @ dxa``: ``[K, R]`` per row range; ``x`` is cast
+    to ``dxa``'s dtype before the dot. The grid is ``(K tiles, R tiles, splits)``."""
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    split = tl.program_id(2)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < K
+    rank_ok = ranks < R
+    cols64 = cols.to(tl.int64)
+    row_begin = split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, M)
+
+    ms = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    for m_start in range(row_begin, row_end, BLOCK_M):
+        rows = m_start + ms
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        x = tl.load(
+            x_ptr + rows64[:, None] * stride_x_m + cols64[None, :] * stride_x_k,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        if HAS_DROPOUT:
+            x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
+        dxa = tl.load(
+            dxa_ptr + rows64[:, None] * stride_dxa_m + ranks[None, :] * stride_dxa_r,
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        acc = dot_acc(tl.trans(cast(x, dxa.dtype)), dxa, acc, FP32_PRECISION)
+    acc = acc * scale
+
+    partial_ptrs = (
+        partial_ptr
+        + split * stride_partial_split
+        + cols[:, None] * stride_partial_k
+        + ranks[None, :] * stride_partial_r
+    )
+    tl.store(partial_ptrs, acc, mask=col_ok[:, None] & rank_ok[None, :])
+
+
+def project(
+    x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: int = 0, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """``scale · (keep ⊙ x) @ lora_A`` → a new contiguous ``[M, R]`` tensor in ``lora_A``'s dtype.
+
+    ``x [M, K]`` (fp32, fp16 or bf16), ``lora_A [K, R]`` (fp32, fp16 or bf16), any strides, one device; ``keep``
+    is the Philox keep-mask of ``seed`` over ``x`` when ``dropout_p > 0``, else all ones.
+    """
+    (n_rows, k), rank = x.shape, lora_A.shape[1]
+    out = torch.empty(n_rows, rank, dtype=lora_A.dtype, device=x.device)
+    if n_rows == 0:
+        return out
+    block_r = rank_block(rank)
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(rank, block_r))
+
+    _project_kernel[grid](
+        x,
+        lora_A,
+        out,
+        n_rows,
+        k,
+        rank,
+        *x.stride(),
+        *lora_A.stride(),
+        *out.stride(),
+        scale,
+        seed,
+        dropout_p,
+        triton.next_power_of_2(n_rows),
+        HAS_DROPOUT=dropout_p > 0.0,
+        FP32_PRECISION=fp32_dot_precision(),
+        BLOCK_R=block_r,
+    )
+    return out
+
+
+def outer(
+    x: torch.Tensor,
+    dxa: torch.Tensor,
+    scale: float,
+    *,
+    transposed: bool,
+    seed: int = 0,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``scale · (keep ⊙ x)ᵀ @ dxa`` → a new contiguous ``[K, R]`` tensor (``[R, K]`` when ``transposed``) in
+    ``dxa``'s dtype, summed in fp32.
+
+    ``x [M, K]`` (fp32, fp16 or bf16), ``dxa [M, R]`` (fp32, fp16 or bf16), any strides, one device; ``keep`` is
+    the Philox keep-mask of ``seed`` over ``x`` when ``dropout_p > 0``, else all ones. ``M = 0`` gives zeros.
+    """
+    (n_rows, k), rank = x.shape, dxa.shape[1]
+    out_shape = (rank, k) if transposed else (k, rank)
+    if n_rows == 0:
+        return torch.zeros(out_shape, dtype=dxa.dtype, device=x.device)
+    block_r = rank_block(rank)
+    # Split sizing assumes 64-wide K tiles; the autotuned BLOCK_K only changes how full the GPU is.
+    splits, rows_per_split = row_splits(n_rows, triton.cdiv(k, 64) * triton.cdiv(rank, block_r), x.device)
+    partial = torch.empty((splits, *out_shape), dtype=torch.float32, device=x.device)
+    stride_split, stride_k, stride_r = partial.stride()
+    if transposed:
+        stride_k, stride_r = stride_r, stride_k
+
+    def grid(meta):
+        return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(rank, block_r), splits)
+
+    _outer_kernel[grid](
+        x,
+        dxa,
+        partial,
+        n_rows,
+        k,
+        rank,
+        rows_per_split,
+        *x.stride(),
+        *dxa.stride(),
+        stride_split,
+        stride_k,
+        stride_r,
+        scale,
+        seed,
+        dropout_p,
+        triton.next_power_of_2(n_rows),
+        HAS_DROPOUT=dropout_p > 0.0,
+        FP32_PRECISION=fp32_dot_precision(),
+        BLOCK_R=block_r,
+    )
+    return partial.sum(0).to(dxa.dtype)
