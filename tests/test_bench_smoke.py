@@ -27,6 +27,19 @@ def _one_case_per_line() -> list:
     return list(first.values())
 
 
+def _lora_saved_bytes(case) -> int:
+    """What a LoRA forward must save for its backward, counted from the shapes: each adapted layer's input ``x``
+    (for the gradient of ``A``; layers fed the same tensor share it) and ``x Aᵀ`` (for the gradient of ``B``).
+    Dropout adds nothing when its mask is regenerated in backward, as ours is."""
+    params = case.params
+    itemsize = params["dtype"].itemsize
+    if case.family == "train_step":  # all-linear on Llama: q/k/v share one input, gate/up another
+        spec, tokens = params["spec"], params["batch"] * params["seq"]
+        per_layer = 3 * spec.hidden + spec.intermediate + 7 * params["r"]
+        return spec.layers * tokens * per_layer * itemsize
+    return params["tokens"] * (params["in_features"] + params["r"]) * itemsize
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("case", _one_case_per_line(), ids=lambda case: f"{case.family}-{case.label}")
 def test_workload_runs_once_for_every_implementation(case):
@@ -37,7 +50,13 @@ def test_workload_runs_once_for_every_implementation(case):
             runner.reset()
         outputs[impl] = runner.run()
         if runner.forward is not None:
-            assert memory.saved_tensor_bytes(runner.forward, runner.parameters, runner.saved_scope) >= 0
+            saved = memory.saved_tensor_bytes(runner.forward, runner.parameters, runner.saved_scope)
+            if impl == "base":  # a frozen layer's backward needs only its weight, a parameter
+                assert saved == 0
+            elif impl == "ours":
+                assert saved == _lora_saved_bytes(case)
+            else:  # peft saves at least that; with dropout, also the dropped-out input
+                assert saved >= _lora_saved_bytes(case) > 0
         runner.close()
     parity = compare_outputs(outputs["ours"], outputs["peft"], case.dtype) if case.deterministic else None
     assert parity is None or parity["ok"], parity
@@ -46,10 +65,29 @@ def test_workload_runs_once_for_every_implementation(case):
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("case", suite.cases("cuda", "smoke", ("train_step",)), ids=lambda case: case.label)
 def test_cuda_training_step_runs_in_bf16_under_autocast(case):
-    """The CUDA sweep's precision (bf16 weights, fp32 LoRA factors, bf16 autocast), run on the CPU."""
+    """The CUDA sweep's precision, run on the CPU: every LoRA layer has a bf16 base weight and fp32 factors, and
+    under bf16 autocast returns bf16; the step's loss is finite."""
     for impl in case.impls:
-        loss = build_runner(case, impl, CPU).run()
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        runner = build_runner(case, impl, CPU)
+        lora_layers = runner.saved_scope
+        output_dtypes = set()
+        hooks = [
+            layer.register_forward_hook(
+                lambda _layer, _inputs, output, seen=output_dtypes: seen.add(output.dtype)
+            )
+            for layer in lora_layers
+        ]
+        loss = runner.run()
+        for hook in hooks:
+            hook.remove()
+        factors = [
+            param for layer in lora_layers for name, param in layer.named_parameters() if "lora_" in name
+        ]
+        assert lora_layers and factors
+        assert {layer.base_layer.weight.dtype for layer in lora_layers} == {torch.bfloat16}, impl
+        assert {factor.dtype for factor in factors} == {torch.float32}, impl
+        assert output_dtypes == {torch.bfloat16}, impl
+        assert torch.isfinite(loss), impl
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
