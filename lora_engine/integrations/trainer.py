@@ -48,7 +48,9 @@ def trainable_state_keys(model: nn.Module) -> list[str]:
 
 def frozen_state_keys(model: nn.Module) -> list[str]:
     """The ``state_dict()`` keys that a checkpoint's ``model.safetensors`` leaves out: ``load_state_dict``
-    reports exactly these as missing when it reloads one."""
+    reports exactly these as missing when it reloads one. Read through ``state_tensors``, not ``state_dict()``,
+    which would alter a CPU-repacked 4-bit base; bitsandbytes' quant-state entries are not among them, as
+    ``load_state_dict`` never reports those missing."""
     trainable = set(trainable_state_keys(model))
     return [key for key in state_tensors(model) if key not in trainable]
 

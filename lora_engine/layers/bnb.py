@@ -7,7 +7,8 @@ match peft's) and run through ``ops.lora_linear`` with no base weight.
 Merging cannot add ``s · B A`` in place into a quantized weight: it dequantizes the weight, adds the delta in
 fp32 and quantizes the sum again in the layer's own format (peft's recipe, so merged models equal peft's).
 The new quantization rounds, so a merged 4-bit model is not the unmerged one; ``to_dense`` and
-``dequantize_bnb_linear`` export an ``nn.Linear`` instead, which keeps the merged weight unrounded.
+``dequantize_bnb_linear`` export an ``nn.Linear`` instead, which keeps the merged weight unrounded (``bnb_export``
+does it for a whole model).
 
 Imports bitsandbytes, so ``tuner`` imports this module only when a model holds bitsandbytes layers.
 """
