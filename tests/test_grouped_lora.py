@@ -133,3 +133,48 @@ def test_triton_backend_raises_naming_the_op(monkeypatch):
     x = inputs((len(ROW_ADAPTER), IN_FEATURES))
     with pytest.raises(RuntimeError, match="grouped_lora"):
         grouped_lora(x, row_adapter_tensor(), *stacked_adapters())
+
+
+def _bad(name):
+    """The test operands with one of them made wrong: ``name`` says which and how."""
+    x = inputs((len(ROW_ADAPTER), 3, IN_FEATURES))
+    lora_A, lora_B, scaling = stacked_adapters()
+    operands = {
+        "x": x,
+        "row_adapter": row_adapter_tensor(),
+        "lora_A": lora_A,
+        "lora_B": lora_B,
+        "scaling": scaling,
+    }
+    if name == "x-width":
+        operands["x"] = x[..., :-1]
+    elif name == "lora_B-rank":
+        operands["lora_B"] = lora_B[..., :-1]
+    elif name == "lora_A-dims":
+        operands["lora_A"] = lora_A[0]
+    elif name == "scaling-count":
+        operands["scaling"] = scaling[:-1]
+    elif name == "row_adapter-count":
+        operands["row_adapter"] = operands["row_adapter"][:-1]
+    elif name == "row_adapter-float":
+        operands["row_adapter"] = operands["row_adapter"].float()
+    elif name == "adapter-dtypes":
+        operands["lora_B"] = lora_B.bfloat16()
+    return operands
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        ("x-width", ValueError, r"x has shape \(7, 3, 36\); expected \[B, ..., 37\]"),
+        ("lora_B-rank", ValueError, r"lora_A \(3, 5, 37\) and lora_B \(3, 53, 4\) do not stack"),
+        ("lora_A-dims", ValueError, r"lora_A has shape \(5, 37\); expected \[n, r, in\]"),
+        ("scaling-count", ValueError, r"scaling has shape \(2,\); expected \(3,\), one per adapter"),
+        ("row_adapter-count", ValueError, r"row_adapter has shape \(6,\); expected \(7,\), one per row of x"),
+        ("row_adapter-float", TypeError, "row_adapter has dtype torch.float32; expected an integer dtype"),
+        ("adapter-dtypes", TypeError, "lora_A has dtype torch.float32 but lora_B has torch.bfloat16"),
+    ],
+)
+def test_bad_operands_are_refused_naming_the_operand(bad, error, message):
+    with pytest.raises(error, match="grouped_lora: " + message):
+        grouped_lora(**_bad(bad))

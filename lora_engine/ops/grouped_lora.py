@@ -15,8 +15,8 @@ One grouped computation per call, whatever the number of adapters: no loop over 
 
 Raises ``ValueError`` naming the operand when a shape does not fit the above or the operands are on different
 devices, ``TypeError`` when ``row_adapter`` is not an integer tensor or the adapters' dtypes differ. The values of
-``row_adapter`` are not checked here (that would synchronise with the GPU); torch's indexing refuses ones out of
-range. There is no Triton kernel yet: the reference always runs, and ``LORA_ENGINE_BACKEND=triton`` is refused.
+``row_adapter`` are not checked (that would synchronise with the GPU): torch's indexing refuses one ``>= n + 1`` or
+``< -(n + 1)``, and a negative one other than -1 silently picks an adapter counted from the end. There is no Triton kernel yet: the reference always runs, and ``LORA_ENGINE_BACKEND=triton`` is refused.
 """
 
 from __future__ import annotations

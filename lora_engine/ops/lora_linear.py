@@ -67,17 +67,21 @@ def check_operands(
     names = ", ".join(str(dtype) for dtype in dtypes)
     if x_dtype not in dtypes:
         raise TypeError(f"{OP}: x has dtype {x_dtype}; expected one of {names}")
-    if adapter_dtype != _computed_dtype(lora_B) or adapter_dtype not in dtypes:
+    if adapter_dtype != _computed_dtype(lora_B):
         raise TypeError(
-            f"{OP}: lora_A ({adapter_dtype}) and lora_B ({_computed_dtype(lora_B)}) must share one of {names}"
+            f"{OP}: lora_A ({adapter_dtype}) and lora_B ({_computed_dtype(lora_B)}) must share one dtype"
         )
+    if adapter_dtype not in dtypes:
+        raise TypeError(f"{OP}: lora_A and lora_B have dtype {adapter_dtype}; expected one of {names}")
     check_dims(OP, "lora_A", lora_A, 2, "[r, in]")
     check_dims(OP, "lora_B", lora_B, 2, "[out, r]")
     rank, in_features = lora_A.shape
     out_features = lora_B.shape[0]
-    if x.dim() == 0 or x.shape[-1] != in_features or lora_B.shape[1] != rank:
+    if x.dim() == 0:
+        raise ValueError(f"{OP}: x has shape (); expected [..., {in_features}]")
+    if x.shape[-1] != in_features or lora_B.shape[1] != rank:
         raise ValueError(
-            f"{OP}: x [..., {x.shape[-1] if x.dim() else ''}], lora_A {tuple(lora_A.shape)} and lora_B "
+            f"{OP}: x [..., {x.shape[-1]}], lora_A {tuple(lora_A.shape)} and lora_B "
             f"{tuple(lora_B.shape)} do not chain as [..., in] → [r, in] → [out, r]"
         )
     if weight is not None:
