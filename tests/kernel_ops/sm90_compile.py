@@ -141,25 +141,14 @@ def _fused_cases():
             (1, RANK),
         ),
     ]
-    for (
-        name,
-        x_dtype,
-        adapter_dtype,
-        has_base,
-        has_bias,
-        dropout,
-        n,
-        k,
-        weight_strides,
-        lora_B_strides,
-    ) in cases:
+    for name, x_dtype, adapter_dtype, has_base, has_bias, dropout, n, k, weight_strides, b_strides in cases:
         out_dtype = x_dtype if has_base else adapter_dtype
         args = {
             "x_ptr": _tensor(x_dtype), "weight_ptr": _tensor(x_dtype), "bias_ptr": _tensor(x_dtype),
             "xa_ptr": _tensor(adapter_dtype), "lora_B_ptr": _tensor(adapter_dtype), "out_ptr": _tensor(out_dtype),
             "M": TOKENS, "N": n, "K": k, "R": RANK, "stride_x_m": k or 16, "stride_x_k": 1,
             "stride_weight_k": weight_strides[0], "stride_weight_n": weight_strides[1], "stride_xa_m": RANK,
-            "stride_xa_r": 1, "stride_lora_B_r": lora_B_strides[0], "stride_lora_B_n": lora_B_strides[1],
+            "stride_xa_r": 1, "stride_lora_B_r": b_strides[0], "stride_lora_B_n": b_strides[1],
             "stride_out_m": n, "stride_out_n": 1, "scale": 0.5, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
         }  # fmt: skip
         constexprs = {
