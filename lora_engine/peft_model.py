@@ -19,6 +19,7 @@ from lora_engine.adapter_files import load_adapter_folder, save_adapters
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lora_engine.ignored_options import warn_if_set
 from lora_engine.integrations.pretrained import WrappedPreTrainedModel
+from lora_engine.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from lora_engine.tuner import LoraModel
 
 
@@ -69,7 +70,14 @@ class PeftModel(WrappedPreTrainedModel):
         except AttributeError:
             if name in ("_modules", "base_model"):
                 raise
+        try:
             return getattr(self.base_model, name)
+        except AttributeError as err:
+            # Name this class and the wrapped model, not only the model the lookup ended in.
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}, and neither has the "
+                f"{type(self.get_base_model()).__name__!r} it wraps"
+            ) from err
 
     def _add_task_modules_to_save(self, config: LoraConfig) -> None:
         if not self.task_modules_to_save:
@@ -152,6 +160,14 @@ class PeftModel(WrappedPreTrainedModel):
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """peft's per-layer adapter report; see ``lora_engine.status``."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """peft's model-wide adapter report; see ``lora_engine.status``."""
+        return get_model_status(self)
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
