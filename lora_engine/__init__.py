@@ -3,6 +3,15 @@
 Change ``from peft import ...`` to ``from lora_engine import ...``.
 """
 
+from lora_engine.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from lora_engine.backend import get_backend, set_backend
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lora_engine.kbit import prepare_model_for_kbit_training
@@ -22,6 +31,13 @@ from lora_engine.tuner import LoraModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",
