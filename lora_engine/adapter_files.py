@@ -39,7 +39,8 @@ def save_adapters(
     save_kwargs: dict,
 ) -> None:
     """``PeftModel.save_pretrained``'s walk (see its docstring), after its argument checks: every name is
-    checked, then each selected adapter is written to its folder; ``save_kwargs`` are the extra keywords the
+    checked, then the model card is written or updated, then each selected adapter is written to its folder;
+    ``save_kwargs`` are the extra keywords the
     caller got (``state_dict``)."""
     peft_config = peft_model.peft_config
     names = list(peft_config) if selected_adapters is None else list(selected_adapters)
@@ -49,6 +50,8 @@ def save_adapters(
     folders = {name: adapter_folder(save_directory, name) for name in names}
     if not is_main_process:
         return
+    os.makedirs(save_directory, exist_ok=True)
+    peft_model.create_or_update_model_card(save_directory)
     base_model = peft_model.get_base_model()
     for name, folder in folders.items():
         weights = get_peft_model_state_dict(

@@ -19,6 +19,7 @@ from lora_engine.adapter_files import load_adapter_folder, save_adapters
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lora_engine.ignored_options import warn_if_set
 from lora_engine.integrations.pretrained import WrappedPreTrainedModel
+from lora_engine.model_card import create_or_update_model_card
 from lora_engine.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from lora_engine.tuner import LoraModel
 
@@ -204,7 +205,8 @@ class PeftModel(WrappedPreTrainedModel):
         path_initial_model_for_weight_conversion: str | None = None,
         **kwargs,
     ) -> None:
-        """Write each selected adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+        """Write each selected adapter as ``adapter_config.json`` + ``adapter_model.safetensors``, and peft's model
+        card ``README.md`` in ``save_directory`` (an existing one is updated, as peft does).
 
         ``default`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``. Every name is
         checked before anything is written; each file is written atomically. ``state_dict=`` (passed by the
@@ -228,6 +230,10 @@ class PeftModel(WrappedPreTrainedModel):
             is_main_process=is_main_process,
             save_kwargs=kwargs,
         )
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write or update peft's model card ``output_dir/README.md``; see ``lora_engine.model_card``."""
+        create_or_update_model_card(self, output_dir, causal_lm=isinstance(self, PeftModelForCausalLM))
 
     @classmethod
     def from_pretrained(
