@@ -80,7 +80,6 @@ _FAMILIES = {
         "initialization (LoftQ)": ("LoftQConfig", "replace_lora_weights_loftq"),
         "initialization (EVA)": ("EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights"),
         "initialization (LoRA-GA)": ("LoraGAConfig", "preprocess_loraga"),
-        "initialization (CorDA)": ("CordaConfig", "preprocess_corda"),
         "variant (Arrow)": ("ArrowConfig", "create_arrow_model"),
         "variant (BD-LoRA)": ("BdLoraConfig",),
         "variant (KaSA)": ("KasaConfig",),
