@@ -5,6 +5,7 @@ LoRA is here; importing one that does not (another PEFT method, prompt learning,
 ``ImportError`` saying so (``lora_engine.peft_names``).
 """
 
+from lora_engine.adapter_files import load_peft_weights
 from lora_engine.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -39,7 +40,7 @@ from lora_engine.peft_model import (
     PeftModelForTokenClassification,
 )
 from lora_engine.peft_names import PromptLearningConfig, unsupported_name
-from lora_engine.serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from lora_engine.serialization import get_peft_model_state_dict, set_peft_model_state_dict
 from lora_engine.status import get_layer_status, get_model_status
 from lora_engine.tuner import LoraModel
 from lora_engine.utils.other import cast_mixed_precision_params, shift_tokens_right

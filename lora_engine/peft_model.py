@@ -20,7 +20,13 @@ from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lora_engine.ignored_options import warn_if_set
 from lora_engine.integrations.pretrained import WrappedPreTrainedModel
 from lora_engine.model_card import create_or_update_model_card
-from lora_engine.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from lora_engine.status import (
+    TunerLayerStatus,
+    TunerModelStatus,
+    count_parameters,
+    get_layer_status,
+    get_model_status,
+)
 from lora_engine.tuner import LoraModel
 
 
@@ -172,20 +178,8 @@ class PeftModel(WrappedPreTrainedModel):
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts, counting each parameter once.
-
-        A bitsandbytes 4-bit weight packs two values per byte of its storage dtype, so it counts
-        ``numel · 2 · itemsize`` logical parameters, as in peft.
-        """
-        trainable = total = 0
-        for param in self.parameters():
-            count = param.numel()
-            if type(param).__name__ == "Params4bit":  # by name: bitsandbytes is not imported for dense models
-                count *= 2 * param.element_size()
-            total += count
-            if param.requires_grad:
-                trainable += count
-        return trainable, total
+        """``(trainable, all)`` parameter counts as peft counts them; see ``status.count_parameters``."""
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -229,20 +229,3 @@ def _with_prefix(key: str, uses_prefix: bool) -> str:
 def _is_plain_saved_key(key: str) -> bool:
     """Keys peft saves under their in-memory name: biases and full embedding weights."""
     return key.endswith(".bias") or key == "bias" or key.endswith(".base_layer.weight")
-
-
-def load_peft_weights(
-    model_id: str | os.PathLike,
-    device: str | torch.device | None = None,
-    key_mapping: dict[str, str] | None = None,
-    subfolder: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """peft's ``load_peft_weights``: the saved tensors of the adapter in the local folder ``model_id``
-    (``/subfolder``), keys as saved. ``key_mapping`` renames keys as ``PeftModel.from_pretrained`` does."""
-    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-    weights = load_adapter_weights(str(folder), device=device)
-    if not key_mapping:
-        return weights
-    from lora_engine.peft_model import _apply_key_mapping  # peft_model imports this module
-
-    return _apply_key_mapping(weights, key_mapping)

@@ -13,9 +13,11 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.tuner import LoraModel
 
 Irregular = Literal["irregular"]
 
@@ -100,8 +102,8 @@ def _layer_status(name: str, module: LoraLayer | ModulesToSaveWrapper) -> TunerL
 
 def _tuner_of(model: nn.Module) -> nn.Module:
     """What peft walks: a ``PeftModel``'s ``LoraModel`` (names start with ``model.``), else the model itself."""
-    base_model = getattr(model, "base_model", None)
-    return base_model if type(base_model).__name__ == "LoraModel" else model
+    base_model = model._modules.get("base_model")
+    return base_model if isinstance(base_model, LoraModel) else model
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
@@ -132,20 +134,33 @@ def _merged_adapters(statuses: list[TunerLayerStatus]) -> list[str] | Irregular:
     return sorted(merged_anywhere)
 
 
-def get_model_status(model: nn.Module) -> TunerModelStatus:
-    """The model-wide summary of ``get_layer_status(model)``, as peft computes it (parameter counts as
-    ``PeftModel.get_nb_trainable_parameters``). Raises ``ValueError`` when the model holds no adapter layer."""
-    from lora_engine.peft_model import PeftModel  # peft_model imports this module for its methods
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)`` parameter counts of ``model``, counting each parameter once.
 
+    A bitsandbytes 4-bit weight packs two values per byte of its storage dtype, so it counts
+    ``numel · 2 · itemsize`` logical parameters, as in peft.
+    """
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":  # by name: bitsandbytes is not imported for dense models
+            count *= 2 * param.element_size()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def get_model_status(model: nn.Module) -> TunerModelStatus:
+    """The model-wide summary of ``get_layer_status(model)``, as peft computes it (parameter counts by
+    ``count_parameters``). Raises ``ValueError`` when the model holds no adapter layer."""
     statuses = get_layer_status(model)
-    trainable, total = PeftModel.get_nb_trainable_parameters(model)
-    if isinstance(model, PeftModel):
+    trainable, total = count_parameters(model)
+    if _tuner_of(model) is not model:  # a PeftModel
         base_model_type = type(model.get_base_model()).__name__
         adapter_model_type = type(model.base_model).__name__
         peft_types = {name: "LORA" for name in model.peft_config}
     else:
-        from transformers import PreTrainedModel
-
         base_model_type = type(model).__name__ if isinstance(model, PreTrainedModel) else "other"
         adapter_model_type, peft_types = "None", {}
     enabled = {status.enabled for status in statuses}

@@ -4,6 +4,7 @@
 ``lora_engine.peft_names``) raises an ``ImportError`` that says so.
 """
 
+from lora_engine.adapter_files import load_peft_weights
 from lora_engine.base_state_dict import get_base_model_state_dict, set_base_model_state_dict
 from lora_engine.config import PeftType, TaskType
 from lora_engine.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
@@ -13,7 +14,7 @@ from lora_engine.peft_format import BIN_NAME as WEIGHTS_NAME
 from lora_engine.peft_format import CONFIG_NAME
 from lora_engine.peft_format import SAFETENSORS_NAME as SAFETENSORS_WEIGHTS_NAME
 from lora_engine.peft_names import unsupported_name
-from lora_engine.serialization import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from lora_engine.serialization import get_peft_model_state_dict, set_peft_model_state_dict
 from lora_engine.utils.other import cast_mixed_precision_params, shift_tokens_right
 
 __all__ = [
