@@ -30,6 +30,7 @@ from lora_engine.layers.base import LoraLayer
 from lora_engine.peft_format import SAVED_PREFIX
 from lora_engine.serialization import adapter_key_map, load_adapter_weights
 from lora_engine.targeting import rank_and_alpha
+from lora_engine.tuner import LoraModel
 
 # Settings that change the output in ways the swapped weights and scaling cannot carry (peft's list).
 CONFIG_KEYS_TO_CHECK = {"LORA": ["use_rslora", "lora_dropout", "alpha_pattern", "use_dora"]}
@@ -38,8 +39,8 @@ CONFIG_KEYS_TO_CHECK = {"LORA": ["use_rslora", "lora_dropout", "alpha_pattern", 
 def _adapted_model(model: nn.Module) -> nn.Module:
     """The transformers model holding the LoRA layers, under a compiled wrapper and a PeftModel if any."""
     model = getattr(model, "_orig_mod", model)
-    lora_model = getattr(model, "base_model", None)
-    return lora_model.model if type(lora_model).__name__ == "LoraModel" else model
+    lora_model = model._modules.get("base_model")
+    return lora_model.model if isinstance(lora_model, LoraModel) else model
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
