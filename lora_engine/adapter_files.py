@@ -39,8 +39,8 @@ def save_adapters(
     save_kwargs: dict,
 ) -> None:
     """``PeftModel.save_pretrained``'s walk (see its docstring), after its argument checks: every name is
-    checked, then each selected adapter is written to its folder; ``save_kwargs`` are the extra keywords the
-    caller got (``state_dict``)."""
+    checked, then the model card is written or updated, then each selected adapter is written to its folder;
+    ``save_kwargs`` are the extra keywords the caller got (``state_dict``)."""
     peft_config = peft_model.peft_config
     names = list(peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [name for name in names if name not in peft_config]
@@ -49,6 +49,8 @@ def save_adapters(
     folders = {name: adapter_folder(save_directory, name) for name in names}
     if not is_main_process:
         return
+    os.makedirs(save_directory, exist_ok=True)
+    peft_model.create_or_update_model_card(save_directory)
     base_model = peft_model.get_base_model()
     for name, folder in folders.items():
         weights = get_peft_model_state_dict(
@@ -132,3 +134,16 @@ def _apply_key_mapping(
                 break
         renamed[SAVED_PREFIX + bare] = value
     return renamed
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    key_mapping: dict[str, str] | None = None,
+    subfolder: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """peft's ``load_peft_weights``: the saved tensors of the adapter in the local folder ``model_id``
+    (``/subfolder``), keys as saved. ``key_mapping`` renames keys as ``PeftModel.from_pretrained`` does."""
+    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+    weights = load_adapter_weights(str(folder), device=device)
+    return _apply_key_mapping(weights, key_mapping) if key_mapping else weights

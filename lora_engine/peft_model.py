@@ -19,6 +19,14 @@ from lora_engine.adapter_files import load_adapter_folder, save_adapters
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lora_engine.ignored_options import warn_if_set
 from lora_engine.integrations.pretrained import WrappedPreTrainedModel
+from lora_engine.model_card import create_or_update_model_card
+from lora_engine.status import (
+    TunerLayerStatus,
+    TunerModelStatus,
+    count_parameters,
+    get_layer_status,
+    get_model_status,
+)
 from lora_engine.tuner import LoraModel
 
 
@@ -69,7 +77,14 @@ class PeftModel(WrappedPreTrainedModel):
         except AttributeError:
             if name in ("_modules", "base_model"):
                 raise
+        try:
             return getattr(self.base_model, name)
+        except AttributeError as err:
+            # Name this class and the wrapped model, not only the model the lookup ended in.
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}, and neither has the "
+                f"{type(self.get_base_model()).__name__!r} it wraps"
+            ) from err
 
     def _add_task_modules_to_save(self, config: LoraConfig) -> None:
         if not self.task_modules_to_save:
@@ -153,22 +168,18 @@ class PeftModel(WrappedPreTrainedModel):
     def unload(self) -> nn.Module:
         return self.base_model.unload()
 
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """peft's per-layer adapter report; see ``lora_engine.status``."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """peft's model-wide adapter report; see ``lora_engine.status``."""
+        return get_model_status(self)
+
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts, counting each parameter once.
-
-        A bitsandbytes 4-bit weight packs two values per byte of its storage dtype, so it counts
-        ``numel · 2 · itemsize`` logical parameters, as in peft.
-        """
-        trainable = total = 0
-        for param in self.parameters():
-            count = param.numel()
-            if type(param).__name__ == "Params4bit":  # by name: bitsandbytes is not imported for dense models
-                count *= 2 * param.element_size()
-            total += count
-            if param.requires_grad:
-                trainable += count
-        return trainable, total
+        """``(trainable, all)`` parameter counts as peft counts them; see ``status.count_parameters``."""
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -188,7 +199,8 @@ class PeftModel(WrappedPreTrainedModel):
         path_initial_model_for_weight_conversion: str | None = None,
         **kwargs,
     ) -> None:
-        """Write each selected adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+        """Write each selected adapter as ``adapter_config.json`` + ``adapter_model.safetensors``, and peft's model
+        card ``README.md`` in ``save_directory`` (an existing one is updated, as peft does).
 
         ``default`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``. Every name is
         checked before anything is written; each file is written atomically. ``state_dict=`` (passed by the
@@ -212,6 +224,10 @@ class PeftModel(WrappedPreTrainedModel):
             is_main_process=is_main_process,
             save_kwargs=kwargs,
         )
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Write or update peft's model card ``output_dir/README.md``; see ``lora_engine.model_card``."""
+        create_or_update_model_card(self, output_dir, causal_lm=isinstance(self, PeftModelForCausalLM))
 
     @classmethod
     def from_pretrained(

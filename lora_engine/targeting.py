@@ -13,6 +13,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from lora_engine.errors import NoMatchingPeftModuleError
+
 # peft rewrites a target list this long into the shortest name suffixes that select the same modules, and that
 # shorter form is what it saves in adapter_config.json.
 _MIN_TARGETS_TO_SHORTEN = 20
@@ -154,7 +156,7 @@ def find_targets(model: torch.nn.Module, config, skip_within=()) -> list[str]:
     ]
     unnamed = [] if isinstance(resolved, str) else _entries_naming_nothing(resolved, candidates)
     if not targets:
-        raise ValueError(_no_target_message(requested, resolved, unnamed, candidates, config))
+        raise NoMatchingPeftModuleError(_no_target_message(requested, resolved, unnamed, candidates, config))
     if unnamed:
         warnings.warn(
             f"target_modules entries {unnamed} name no module of the model; only the other entries were used.",

@@ -37,7 +37,8 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        # A float, or a 0-d tensor after utils.hotswap.prepare_model_for_compiled_hotswap.
+        self.scaling: dict[str, float | torch.Tensor] = {}
         self.use_rslora: dict[str, bool] = {}
         self.lora_dropout_p: dict[str, float] = {}
         self.merged_adapters: list[str] = []
@@ -264,7 +265,9 @@ class LoraLayer(nn.Module):
         for index, (factor_A, factor_B) in enumerate(factors):
             lora_A[index, : factor_A.shape[0]] = factor_A
             lora_B[index, :, : factor_B.shape[1]] = factor_B
-        scaling = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32, device=device)
+        scaling = torch.tensor(
+            [float(self.scaling[name]) for name in held], dtype=torch.float32, device=device
+        )
         return lora_A, lora_B, scaling
 
     def _unmerge_if_disabled(self) -> None:

@@ -11,7 +11,9 @@ Contract::
 - ``lora_A``: ``[r, in]``, ``lora_B``: ``[out, r]``, one dtype; the low-rank term is computed in it (peft keeps
   adapters in fp32 on half-precision bases) and the sum is returned in the base output's dtype.
 - All on one device. Under ``torch.autocast`` the dtypes are those autocast computes in, for every backend.
-- ``scaling``: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rslora).
+- ``scaling``: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rslora): a float, or a 0-d tensor on ``x``'s
+  device after ``prepare_model_for_compiled_hotswap`` (a tensor's value is not baked into a compiled graph, so a
+  hot-swap that changes it recompiles nothing). The Triton kernel reads the tensor's value.
 - ``dropout_p``: inverted dropout on the low-rank input only; pass 0 in eval. The mask is drawn from a seed
   taken from torch's global generator and regenerated in backward. The reference and the Triton kernel draw
   different masks from the same seed (torch's generator vs Philox in the kernel); each is a valid dropout.
@@ -187,11 +189,16 @@ def lora_linear(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     dropout_p: float = 0.0,
     fan_in_fan_out: bool = False,
 ) -> torch.Tensor:
     """``[..., in]`` → ``[..., out]``; see the module docstring."""
     run = triton_lora_linear if backend.uses_triton(OP, x.device) else reference_lora_linear
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    return run(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, fan_in_fan_out)
+    return run(x, weight, bias, lora_A, lora_B, _as_scalar(scaling), float(dropout_p), seed, fan_in_fan_out)
+
+
+def _as_scalar(scaling: float | torch.Tensor) -> float | torch.Tensor:
+    # A tensor stays a tensor: float() of it would break a compiled graph (and bake the value in).
+    return scaling if isinstance(scaling, torch.Tensor) else float(scaling)
