@@ -1,8 +1,8 @@
 """Adapter configuration: `LoraConfig` and the `adapter_config.json` file it reads and writes.
 
 The file format is peft 0.21.2's: the same keys, defaults and meanings, so that an adapter folder written by
-either library loads in the other. Only plain LoRA is implemented; peft's LoRA variants and data-driven
-initialisations are accepted at their defaults and refused, with a message saying so, when set.
+either library loads in the other. Plain LoRA, DoRA (`use_dora`) and `lora_bias` are implemented; peft's other LoRA variants
+and data-driven initialisations are accepted at their defaults and refused, with a message saying so, when set.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class PeftConfig:
 _PEFT_ONLY_INITS = re.compile(r"pissa(_niter_\d+)?|olora|loftq|eva|corda|lora_ga|orthogonal|mica")
 
 # LoRA variants, on when True.
-_UNSUPPORTED_FLAGS = ("use_dora", "lora_bias", "use_qalora")
+_UNSUPPORTED_FLAGS = ("use_qalora",)
 # On when not None: peft turns even an empty dict into a default sub-config and enables the variant.
 _UNSUPPORTED_WHEN_GIVEN = (
     "trainable_token_indices",
@@ -233,9 +233,10 @@ class LoraConfig(PeftConfig):
     set of names (exact or `.`-suffix match); a list or tuple becomes a set, as does `exclude_modules`.
     `init_lora_weights` is True (A kaiming-uniform, B zero), False (both random) or "gaussian".
 
-    Every peft field exists so files round-trip, but the LoRA variants and their sub-configs
-    (`use_dora`, `lora_bias`, `megatron_config`, ...) must stay at their defaults: ValueError otherwise, as for
-    any invalid value.
+    `use_dora` turns the adapters into DoRA adapters (Linear, Conv1D, Embedding, Conv1d/2d/3d, 4-bit Linear);
+    `lora_bias` gives `lora_B` a bias (not with DoRA, and only with True/False inits, as in peft). Every peft field
+    exists so files round-trip, but the other LoRA variants and their sub-configs (`use_qalora`,
+    `megatron_config`, ...) must stay at their defaults: ValueError otherwise, as for any invalid value.
     """
 
     r: int = 8
@@ -294,6 +295,15 @@ class LoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r}: must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
+        if self.lora_bias and init not in (True, False):
+            raise ValueError(
+                f"lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={init!r}"
+            )
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "lora_bias=True is not supported for DoRA (use_dora=True); pass one of them only"
+            )
         if init is True or init is False or init == "gaussian":
             return
         if isinstance(init, str) and _PEFT_ONLY_INITS.fullmatch(init):

@@ -314,8 +314,6 @@ def test_layers_pattern_without_layers_to_transform_is_refused():
 
 
 UNSUPPORTED_OPTIONS = [
-    ("use_dora", True),
-    ("lora_bias", True),
     ("use_qalora", True),
     ("trainable_token_indices", [0, 1]),
     ("layer_replication", [[0, 2], [1, 2]]),

@@ -35,7 +35,7 @@ class LoraLinear(LoraLayer):
 
     def _create_factors(self, adapter_name: str, r: int, init_lora_weights) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=self.lora_bias[adapter_name])
         lora_A, lora_B = self.lora_factors(adapter_name)
         if init_lora_weights is False:  # keep nn.Linear's init: the adapter is not a no-op (for tests)
             return
@@ -44,6 +44,8 @@ class LoraLinear(LoraLayer):
         else:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         nn.init.zeros_(lora_B)
+        if self.lora_bias[adapter_name]:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -56,23 +58,41 @@ class LoraLinear(LoraLayer):
         active = self._adapters_to_run()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
         result = None
         for name in active:
-            lora_A, lora_B = self.lora_factors(name)
-            dropout_p = self.lora_dropout_p[name] if self.training else 0.0
-            if result is None:
-                result = lora_linear(
-                    x, weight, bias, lora_A, lora_B, self.scaling[name], dropout_p, self.fan_in_fan_out
-                )
-            else:
-                delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
-                result = (result + delta).to(result.dtype)
+            result = self._add_adapter_output(x, result, name)
         return result
+
+    def _add_adapter_output(self, x: torch.Tensor, result: torch.Tensor | None, name: str) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s term; ``result`` None means nothing computed yet, then the base
+        layer's output is computed in the same call."""
+        lora_A, lora_B = self.lora_factors(name)
+        dropout_p = self.lora_dropout_p[name] if self.training else 0.0
+        if result is None:
+            weight, bias = self.base_layer.weight, self.base_layer.bias
+            result = lora_linear(
+                x, weight, bias, lora_A, lora_B, self.scaling[name], dropout_p, self.fan_in_fan_out
+            )
+            return self._plus_lora_bias(result, name)
+        delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
+        return self._plus_lora_bias(result + delta, name).to(result.dtype)
+
+    def _plus_lora_bias(self, output: torch.Tensor, name: str) -> torch.Tensor:
+        """``output + s · lora_B.bias`` for a ``lora_bias`` adapter (the op has no bias for B), else ``output``."""
+        lora_B_bias = self.lora_B[name].bias
+        if lora_B_bias is None:
+            return output
+        return (output + lora_B_bias * self.scaling[name]).to(output.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of ``x [B, ..., in]`` gets the adapter ``self.routing`` assigns it, in one grouped call."""
         result = self.base_layer(x, *args, **kwargs)
+        with_bias = [name for name in self.routing.names if self.lora_bias.get(name)]
+        if with_bias:
+            raise ValueError(
+                f"Cannot pass `adapter_names` for adapters with lora_bias=True ({with_bias}): lora_engine does not "
+                "support lora_bias in mixed-adapter batches of linear layers yet"
+            )
         stacked = self.stacked_factors(self.routing, x.device)
         if stacked is None:
             return result
