@@ -11,7 +11,6 @@ import enum
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 from lora_engine.serialization import atomic_write
+from lora_engine.unsupported_options import FLAGS, INIT_CONFIGS, PEFT_ONLY_INITS, WHEN_GIVEN
 
 
 class PeftType(str, enum.Enum):
@@ -197,28 +197,6 @@ class PeftConfig:
         return LoraConfig if cls is PeftConfig else cls
 
 
-# peft init options that need data, a decomposition of the base weight, or a quantizer.
-_PEFT_ONLY_INITS = re.compile(r"pissa(_niter_\d+)?|olora|loftq|eva|corda|lora_ga|orthogonal|mica")
-
-# LoRA variants, on when True.
-_UNSUPPORTED_FLAGS = ("use_qalora",)
-# On when not None: peft turns even an empty dict into a default sub-config and enables the variant.
-_UNSUPPORTED_WHEN_GIVEN = (
-    "trainable_token_indices",
-    "layer_replication",
-    "target_parameters",
-    "megatron_config",
-    "arrow_config",
-    "kasa_config",
-    "velora_config",
-    "monteclora_config",
-    "use_bdlora",
-    "alora_invocation_tokens",
-)
-# Settings of the peft-only inits; empty ({} or None) means unset.
-_UNSUPPORTED_INIT_CONFIGS = ("loftq_config", "eva_config", "corda_config", "lora_ga_config")
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -306,7 +284,7 @@ class LoraConfig(PeftConfig):
             )
         if init is True or init is False or init == "gaussian":
             return
-        if isinstance(init, str) and _PEFT_ONLY_INITS.fullmatch(init):
+        if isinstance(init, str) and PEFT_ONLY_INITS.fullmatch(init):
             raise ValueError(
                 f"init_lora_weights={init!r} is a peft option that lora_engine does not support yet; "
                 "use True, False or 'gaussian'"
@@ -329,9 +307,9 @@ class LoraConfig(PeftConfig):
             )
 
     def _refuse_unsupported_options(self) -> None:
-        given = [name for name in _UNSUPPORTED_FLAGS if getattr(self, name)]
-        given += [name for name in _UNSUPPORTED_WHEN_GIVEN if getattr(self, name) is not None]
-        given += [name for name in _UNSUPPORTED_INIT_CONFIGS if getattr(self, name)]
+        given = [name for name in FLAGS if getattr(self, name)]
+        given += [name for name in WHEN_GIVEN if getattr(self, name) is not None]
+        given += [name for name in INIT_CONFIGS if getattr(self, name)]
         if given:
             name = given[0]
             raise ValueError(
