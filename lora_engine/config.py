@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_engine.layers.inits import is_weight_derived
 from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 from lora_engine.serialization import atomic_write
 from lora_engine.unsupported_options import FLAGS, INIT_CONFIGS, PEFT_ONLY_INITS, WHEN_GIVEN
@@ -197,6 +198,9 @@ class PeftConfig:
         return LoraConfig if cls is PeftConfig else cls
 
 
+_KNOWN_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' or 'orthogonal'"
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -209,7 +213,9 @@ class LoraConfig(PeftConfig):
     `s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` and `alpha_pattern` map
     module-name regexes to per-module `r` and `lora_alpha`. `target_modules` is a str regex (full match) or a
     set of names (exact or `.`-suffix match); a list or tuple becomes a set, as does `exclude_modules`.
-    `init_lora_weights` is True (A kaiming-uniform, B zero), False (both random) or "gaussian".
+    `init_lora_weights` is True (A kaiming-uniform, B zero), False (both random), "gaussian", or one derived from
+    the base weight (dense layers only): "pissa", "pissa_niter_<K>", "olora" (these two replace the base weight
+    by the residual `W − s·B A`) or "orthogonal".
 
     `use_dora` turns the adapters into DoRA adapters (Linear, Conv1D, Embedding, Conv1d/2d/3d, 4-bit Linear);
     `lora_bias` gives `lora_B` a bias (not with DoRA, and only with True/False inits, as in peft). Every peft field
@@ -282,14 +288,14 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 "lora_bias=True is not supported for DoRA (use_dora=True); pass one of them only"
             )
-        if init is True or init is False or init == "gaussian":
+        if init is True or init is False or init == "gaussian" or is_weight_derived(init):
             return
         if isinstance(init, str) and PEFT_ONLY_INITS.fullmatch(init):
             raise ValueError(
                 f"init_lora_weights={init!r} is a peft option that lora_engine does not support yet; "
-                "use True, False or 'gaussian'"
+                f"use one of {_KNOWN_INITS}"
             )
-        raise ValueError(f"init_lora_weights={init!r} is unknown; use True, False or 'gaussian'")
+        raise ValueError(f"init_lora_weights={init!r} is unknown; use one of {_KNOWN_INITS}")
 
     def _check_layer_selection(self) -> None:
         # peft's rules: a str target_modules is a regex over full names, which selects layers by itself.

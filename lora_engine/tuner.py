@@ -21,6 +21,7 @@ from lora_engine.layers.conv import CONV_KINDS, LoraConv
 from lora_engine.layers.dense import LoraLinear
 from lora_engine.layers.dora import DORA_CLASSES, DoraMixin
 from lora_engine.layers.embedding import LoraEmbedding
+from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
 from lora_engine.module_tree import replace_submodule
@@ -169,6 +170,15 @@ class LoraModel(nn.Module):
             created.append((module_name, module))
         self._check_fan_in_fan_out(module_name, module, config)
         r, lora_alpha = rank_and_alpha(module_name, config)
+        if is_weight_derived(config.init_lora_weights) and type(module) not in (
+            LoraLinear,
+            DORA_CLASSES[LoraLinear],
+        ):
+            raise ValueError(
+                f"init_lora_weights={config.init_lora_weights!r} on {module_name!r} "
+                f"({type(module.base_layer).__name__}) is not supported yet by lora_engine; it supports it on "
+                "torch.nn.Linear and transformers Conv1D"
+            )
         settings = (r, lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
         if config.use_dora:
             _as_dora(module_name, module).add_dora_adapter(adapter_name, *settings)

@@ -8,8 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-#: peft init options that need data, a decomposition of the base weight, or a quantizer.
-PEFT_ONLY_INITS = re.compile(r"pissa(_niter_\d+)?|olora|loftq|eva|corda|lora_ga|orthogonal|mica")
+#: peft init options that need data, a quantizer, or a variant lora_engine lacks.
+PEFT_ONLY_INITS = re.compile(r"loftq|eva|corda|lora_ga|mica")
 #: LoRA variants, on when True.
 FLAGS = ("use_qalora",)
 #: On when not None: peft turns even an empty dict into a default sub-config and enables the variant.

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_engine.layers import inits
 from lora_engine.layers.base import LoraLayer
 from lora_engine.ops.grouped_lora import grouped_lora
 from lora_engine.ops.lora_linear import lora_linear
@@ -39,6 +40,9 @@ class LoraLinear(LoraLayer):
         lora_A, lora_B = self.lora_factors(adapter_name)
         if init_lora_weights is False:  # keep nn.Linear's init: the adapter is not a no-op (for tests)
             return
+        if inits.is_weight_derived(init_lora_weights):
+            self._weight_derived_init(adapter_name, r, init_lora_weights)
+            return
         if init_lora_weights == "gaussian":
             nn.init.normal_(lora_A, std=1 / r)
         else:
@@ -49,6 +53,28 @@ class LoraLinear(LoraLayer):
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _weight_derived_init(self, adapter_name: str, r: int, init: str) -> None:
+        """PiSSA, OLoRA or orthogonal factors (``layers.inits``); PiSSA and OLoRA replace the base weight by the
+        residual ``W − s·B A``, so the adapted layer starts equal to the original one."""
+        weight = self.base_layer.weight
+        if init == "orthogonal":
+            lora_A, lora_B = inits.orthogonal(self.in_features, self.out_features, r, weight.dtype)
+        else:
+            if init == "olora":
+                if self.fan_in_fan_out:
+                    raise ValueError(
+                        "init_lora_weights='olora' on a transformers Conv1D (fan_in_fan_out) is not supported "
+                        "yet by lora_engine: peft's OLoRA factors its [in, out] weight into factors of the wrong shape"
+                    )
+                lora_A, lora_B, residual = inits.olora(weight, r, self.scaling[adapter_name])
+            else:
+                lora_A, lora_B, residual = inits.pissa(
+                    weight, r, self.scaling[adapter_name], init, self.fan_in_fan_out
+                )
+            weight.data = residual
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x [..., in]`` → ``[..., out]`` in the base layer's dtype."""
