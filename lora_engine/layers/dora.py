@@ -160,7 +160,7 @@ class DoraMixin:
             delta = self._delta_matrix(adapter_name)
             norm = torch.linalg.norm(self._as_matrix(self._unmerged_weight()).float() + delta, dim=1)
             merged = self._dora_factor(adapter_name, norm) * (self._as_matrix(weight).float() + delta)
-        return self._from_matrix(merged).to(weight.dtype), norm
+        return self._from_matrix(merged, weight.shape).to(weight.dtype), norm
 
     def _write_weight(self, weight: torch.Tensor) -> None:
         """Make ``weight`` (laid out as ``dense_weight()``) the base layer's weight."""
@@ -171,7 +171,7 @@ class DoraMixin:
         with torch.no_grad():
             factor = self._dora_factor(adapter_name, norm)
             unmerged = self._as_matrix(weight).float() / factor - self._delta_matrix(adapter_name)
-        return self._from_matrix(unmerged).to(weight.dtype)
+        return self._from_matrix(unmerged, weight.shape).to(weight.dtype)
 
     def _unmerged_weight(self) -> torch.Tensor:
         """A copy of the base weight with every merged adapter taken out again, last merged first."""
@@ -197,10 +197,10 @@ class DoraMixin:
         matrix = self._stored_matrix(weight)
         return matrix.T if self.matrix_is_transposed else matrix
 
-    def _from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``_as_matrix``: ``[out, in]`` back to the weight's layout."""
+    def _from_matrix(self, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of ``_as_matrix``: ``[out, in]`` back to the layout of a weight of ``shape``."""
         stored = matrix.T if self.matrix_is_transposed else matrix
-        return stored.reshape(self.dense_weight().shape)
+        return stored.reshape(shape)
 
     def _factor_matrices(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [r, in], B [out, r])`` as matrices."""
