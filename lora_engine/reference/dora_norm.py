@@ -6,6 +6,9 @@ import torch
 
 # Rows of a non-fp32 weight converted to fp32 at a time: bounds the temporary to ROW_CHUNK · in floats.
 ROW_CHUNK = 1024
+# A row whose squared norm falls below this fraction of ‖W_o‖² lost most of its digits to cancellation in the
+# three-term sum (relative error ≈ eps · ‖W_o‖² / norm²); such rows are recomputed directly from W_o + s·B_o A.
+CANCELLATION = 1e-2
 
 
 def _row_chunks(weight: torch.Tensor, fan_in_fan_out: bool):
@@ -38,5 +41,9 @@ def dora_norm(
     cross = (lora_B32 * weight_times_a).sum(dim=1)
     quadratic = ((lora_B32 @ gram) * lora_B32).sum(dim=1)
     squared = weight_sq_norm + (2 * scaling) * cross + (scaling * scaling) * quadratic
-    # Rounding can push a row whose update cancels W to a tiny negative square; its norm is 0 then.
-    return squared.clamp_min(0).sqrt()
+    norm = squared.clamp_min(0).sqrt()
+    cancelled = (squared < CANCELLATION * weight_sq_norm).nonzero().squeeze(1)
+    if cancelled.numel():
+        rows = (weight.T if fan_in_fan_out else weight)[cancelled].float()
+        norm[cancelled] = torch.linalg.norm(rows + scaling * (lora_B32[cancelled] @ lora_A32), dim=1)
+    return norm
