@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lora_engine.config import PeftConfig
+from lora_engine.init_conversion import converted_config, converted_weights
 from lora_engine.integrations.trainer import is_trainer_checkpoint_save, save_trainable_weights
 from lora_engine.peft_format import SAVED_PREFIX
 from lora_engine.serialization import (
@@ -37,10 +38,12 @@ def save_adapters(
     save_embedding_layers: bool | str,
     is_main_process: bool,
     save_kwargs: dict,
+    initial_folder: str | os.PathLike | None = None,
 ) -> None:
     """``PeftModel.save_pretrained``'s walk (see its docstring), after its argument checks: every name is
     checked, then the model card is written or updated, then each selected adapter is written to its folder;
-    ``save_kwargs`` are the extra keywords the caller got (``state_dict``)."""
+    ``save_kwargs`` are the extra keywords the caller got (``state_dict``). With ``initial_folder`` each adapter
+    is converted to plain LoRA first (``init_conversion``)."""
     peft_config = peft_model.peft_config
     names = list(peft_config) if selected_adapters is None else list(selected_adapters)
     unknown = [name for name in names if name not in peft_config]
@@ -59,8 +62,11 @@ def save_adapters(
             adapter_name=name,
             save_embedding_layers=save_embedding_layers,
         )
-        save_adapter_weights(weights, str(folder), safe_serialization=safe_serialization)
         config = copy.deepcopy(peft_config[name])
+        if initial_folder is not None:  # PiSSA / OLoRA saved as plain LoRA for the original base
+            weights = converted_weights(peft_model, name, weights, initial_folder)
+            config = converted_config(config)
+        save_adapter_weights(weights, str(folder), safe_serialization=safe_serialization)
         config.inference_mode = True
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None

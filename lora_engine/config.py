@@ -1,8 +1,8 @@
 """Adapter configuration: `LoraConfig` and the `adapter_config.json` file it reads and writes.
 
 The file format is peft 0.21.2's: the same keys, defaults and meanings, so that an adapter folder written by
-either library loads in the other. Only plain LoRA is implemented; peft's LoRA variants and data-driven
-initialisations are accepted at their defaults and refused, with a message saying so, when set.
+either library loads in the other. Plain LoRA, DoRA (`use_dora`) and `lora_bias` are implemented; peft's other LoRA variants
+and data-driven initialisations are accepted at their defaults and refused, with a message saying so, when set.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import enum
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_engine.layers.inits import is_weight_derived
 from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 from lora_engine.serialization import atomic_write
+from lora_engine.unsupported_options import FLAGS, INIT_CONFIGS, PEFT_ONLY_INITS, WHEN_GIVEN
 
 
 class PeftType(str, enum.Enum):
@@ -197,26 +198,7 @@ class PeftConfig:
         return LoraConfig if cls is PeftConfig else cls
 
 
-# peft init options that need data, a decomposition of the base weight, or a quantizer.
-_PEFT_ONLY_INITS = re.compile(r"pissa(_niter_\d+)?|olora|loftq|eva|corda|lora_ga|orthogonal|mica")
-
-# LoRA variants, on when True.
-_UNSUPPORTED_FLAGS = ("use_dora", "lora_bias", "use_qalora")
-# On when not None: peft turns even an empty dict into a default sub-config and enables the variant.
-_UNSUPPORTED_WHEN_GIVEN = (
-    "trainable_token_indices",
-    "layer_replication",
-    "target_parameters",
-    "megatron_config",
-    "arrow_config",
-    "kasa_config",
-    "velora_config",
-    "monteclora_config",
-    "use_bdlora",
-    "alora_invocation_tokens",
-)
-# Settings of the peft-only inits; empty ({} or None) means unset.
-_UNSUPPORTED_INIT_CONFIGS = ("loftq_config", "eva_config", "corda_config", "lora_ga_config")
+_KNOWN_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' or 'orthogonal'"
 
 
 def _is_number(value: Any) -> bool:
@@ -231,11 +213,14 @@ class LoraConfig(PeftConfig):
     `s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` and `alpha_pattern` map
     module-name regexes to per-module `r` and `lora_alpha`. `target_modules` is a str regex (full match) or a
     set of names (exact or `.`-suffix match); a list or tuple becomes a set, as does `exclude_modules`.
-    `init_lora_weights` is True (A kaiming-uniform, B zero), False (both random) or "gaussian".
+    `init_lora_weights` is True (A kaiming-uniform, B zero), False (both random), "gaussian", or one derived from
+    the base weight (dense layers only): "pissa", "pissa_niter_<K>", "olora" (these two replace the base weight
+    by the residual `W − s·B A`) or "orthogonal".
 
-    Every peft field exists so files round-trip, but the LoRA variants and their sub-configs
-    (`use_dora`, `lora_bias`, `megatron_config`, ...) must stay at their defaults: ValueError otherwise, as for
-    any invalid value.
+    `use_dora` turns the adapters into DoRA adapters (Linear, Conv1D, Embedding, Conv1d/2d/3d, 4-bit Linear);
+    `lora_bias` gives `lora_B` a bias (not with DoRA, and only with True/False inits, as in peft). Every peft field
+    exists so files round-trip, but the other LoRA variants and their sub-configs (`use_qalora`,
+    `megatron_config`, ...) must stay at their defaults: ValueError otherwise, as for any invalid value.
     """
 
     r: int = 8
@@ -294,14 +279,23 @@ class LoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r}: must be 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if init is True or init is False or init == "gaussian":
+        if self.lora_bias and init not in (True, False):
+            raise ValueError(
+                f"lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={init!r}"
+            )
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "lora_bias=True is not supported for DoRA (use_dora=True); pass one of them only"
+            )
+        if init is True or init is False or init == "gaussian" or is_weight_derived(init):
             return
-        if isinstance(init, str) and _PEFT_ONLY_INITS.fullmatch(init):
+        if isinstance(init, str) and PEFT_ONLY_INITS.fullmatch(init):
             raise ValueError(
                 f"init_lora_weights={init!r} is a peft option that lora_engine does not support yet; "
-                "use True, False or 'gaussian'"
+                f"use one of {_KNOWN_INITS}"
             )
-        raise ValueError(f"init_lora_weights={init!r} is unknown; use True, False or 'gaussian'")
+        raise ValueError(f"init_lora_weights={init!r} is unknown; use one of {_KNOWN_INITS}")
 
     def _check_layer_selection(self) -> None:
         # peft's rules: a str target_modules is a regex over full names, which selects layers by itself.
@@ -319,9 +313,9 @@ class LoraConfig(PeftConfig):
             )
 
     def _refuse_unsupported_options(self) -> None:
-        given = [name for name in _UNSUPPORTED_FLAGS if getattr(self, name)]
-        given += [name for name in _UNSUPPORTED_WHEN_GIVEN if getattr(self, name) is not None]
-        given += [name for name in _UNSUPPORTED_INIT_CONFIGS if getattr(self, name)]
+        given = [name for name in FLAGS if getattr(self, name)]
+        given += [name for name in WHEN_GIVEN if getattr(self, name) is not None]
+        given += [name for name in INIT_CONFIGS if getattr(self, name)]
         if given:
             name = given[0]
             raise ValueError(

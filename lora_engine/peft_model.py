@@ -206,15 +206,12 @@ class PeftModel(WrappedPreTrainedModel):
         checked before anything is written; each file is written atomically. ``state_dict=`` (passed by the
         Trainer under DeepSpeed/FSDP) supplies the values. Only the main process writes. A Trainer checkpoint
         folder also gets ``model.safetensors`` with the trainable tensors, for resuming and best-model reloading
-        (``integrations/trainer.py``).
+        (``integrations/trainer.py``). ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA
+        adapter was saved to before training; the adapter is then saved as plain LoRA for the original base
+        (``init_conversion``), as peft does.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; it must be a folder")
-        if path_initial_model_for_weight_conversion is not None:
-            raise ValueError(
-                "path_initial_model_for_weight_conversion is for PiSSA/OLoRA/CorDA adapters, which lora_engine "
-                "does not support yet"
-            )
         save_adapters(
             self,
             save_directory,
@@ -223,6 +220,7 @@ class PeftModel(WrappedPreTrainedModel):
             save_embedding_layers=save_embedding_layers,
             is_main_process=is_main_process,
             save_kwargs=kwargs,
+            initial_folder=path_initial_model_for_weight_conversion,
         )
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:

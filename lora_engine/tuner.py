@@ -17,8 +17,11 @@ from transformers.pytorch_utils import Conv1D
 
 from lora_engine.config import LoraConfig
 from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.conv import CONV_KINDS, LoraConv
 from lora_engine.layers.dense import LoraLinear
+from lora_engine.layers.dora import DORA_CLASSES, DoraMixin
 from lora_engine.layers.embedding import LoraEmbedding
+from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
 from lora_engine.module_tree import replace_submodule
@@ -38,9 +41,11 @@ def _wrap(module_name: str, module: nn.Module) -> LoraLayer:
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
+    if isinstance(module, CONV_KINDS):
+        return LoraConv(module)
     raise ValueError(
         f"Target module {module_name!r} is a {type(module).__name__}; lora_engine supports LoRA on "
-        "torch.nn.Linear, transformers Conv1D and torch.nn.Embedding"
+        "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding and torch.nn.Conv1d/Conv2d/Conv3d"
     )
 
 
@@ -51,6 +56,40 @@ def _naming_module(module_name: str):
         yield
     except ValueError as err:
         raise ValueError(f"{module_name}: {err}") from err
+
+
+def _as_dora(module_name: str, module: LoraLayer) -> DoraMixin:
+    """The wrapper of ``module_name`` able to hold a DoRA adapter: a plain wrapper is promoted in place."""
+    if isinstance(module, DoraMixin):
+        return module
+    dora_class = DORA_CLASSES.get(type(module))
+    if dora_class is None and type(module).__module__ == "lora_engine.layers.bnb":
+        from lora_engine.layers.dora_bnb import DORA_BNB_CLASSES  # bitsandbytes is already imported then
+
+        dora_class = DORA_BNB_CLASSES.get(type(module))
+    if dora_class is None:
+        raise ValueError(
+            f"use_dora=True on {module_name!r} ({type(module.base_layer).__name__}): DoRA is not supported yet by "
+            "lora_engine on this layer kind; it supports DoRA on torch.nn.Linear, transformers Conv1D, "
+            "torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d and bitsandbytes Linear4bit"
+        )
+    return dora_class.promote(module)
+
+
+def _check_lora_bias(module_name: str, module: LoraLayer) -> None:
+    """``lora_bias`` needs a module ``lora_B`` on an unquantized base (peft's bnb merges also drop the scaling)."""
+    if type(module) not in (LoraLinear, LoraConv):
+        raise ValueError(
+            f"lora_bias=True on {module_name!r} ({type(module.base_layer).__name__}): lora_bias is not supported "
+            "yet by lora_engine on this layer kind; it supports it on torch.nn.Linear, transformers Conv1D and "
+            "torch.nn.Conv1d/Conv2d/Conv3d"
+        )
+    if getattr(module.base_layer, "bias", None) is None:
+        warnings.warn(
+            f"`lora_bias=True` was passed but {module_name!r} ({type(module.base_layer).__name__}) has no bias. "
+            "This means that merging LoRA weights won't be possible.",
+            stacklevel=4,
+        )
 
 
 class LoraModel(nn.Module):
@@ -131,9 +170,23 @@ class LoraModel(nn.Module):
             created.append((module_name, module))
         self._check_fan_in_fan_out(module_name, module, config)
         r, lora_alpha = rank_and_alpha(module_name, config)
-        module.add_adapter(
-            adapter_name, r, lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights
-        )
+        if is_weight_derived(config.init_lora_weights) and type(module) not in (
+            LoraLinear,
+            DORA_CLASSES[LoraLinear],
+        ):
+            raise ValueError(
+                f"init_lora_weights={config.init_lora_weights!r} on {module_name!r} "
+                f"({type(module.base_layer).__name__}) is not supported yet by lora_engine; it supports it on "
+                "torch.nn.Linear and transformers Conv1D"
+            )
+        settings = (r, lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        if config.use_dora:
+            _as_dora(module_name, module).add_dora_adapter(adapter_name, *settings)
+        elif config.lora_bias:
+            _check_lora_bias(module_name, module)
+            module.add_adapter(adapter_name, *settings, lora_bias=True)
+        else:
+            module.add_adapter(adapter_name, *settings)
 
     @staticmethod
     def _check_fan_in_fan_out(module_name: str, module: LoraLayer, config: LoraConfig) -> None:

@@ -16,6 +16,7 @@ import torch
 from lora_engine import merging
 from lora_engine.config import LoraConfig
 from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.conv import LoraConv
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 
 
@@ -57,6 +58,23 @@ def add_weighted_adapter(
     if unknown:
         raise ValueError(
             f"Adapter(s) {unknown} not found; available adapters: {sorted(lora_model.peft_config)}"
+        )
+    for option in ("use_dora", "lora_bias"):
+        using = [name for name in adapters if getattr(lora_model.peft_config[name], option)]
+        if using:
+            raise ValueError(
+                f"add_weighted_adapter: adapter(s) {using} use {option}=True; combining such adapters is not "
+                "supported yet by lora_engine"
+            )
+    conv = [
+        name
+        for name, layer in lora_model.lora_layers()
+        if isinstance(layer, LoraConv) and set(adapters) & set(layer.r)
+    ]
+    if conv:
+        raise ValueError(
+            f"add_weighted_adapter: the adapters are on convolutions ({conv[0]!r}); combining adapters of "
+            "Conv1d/Conv2d/Conv3d layers is not supported yet by lora_engine"
         )
     for _, wrapper in lora_model.named_adapter_wrappers():
         if (

@@ -29,7 +29,8 @@ def _one_case_per_line() -> list:
 
 def _lora_saved_bytes(case) -> int:
     """What a LoRA forward must save for its backward, counted from the shapes: each adapted layer's input ``x``
-    (for the gradient of ``A``; layers fed the same tensor share it) and ``x Aᵀ`` (for the gradient of ``B``).
+    (for the gradient of ``A``; layers fed the same tensor share it) and ``x Aᵀ`` (for the gradient of ``B``);
+    for DoRA also what its rescaling needs.
     Dropout adds nothing when its mask is regenerated in backward, as ours is."""
     params = case.params
     itemsize = params["dtype"].itemsize
@@ -37,7 +38,12 @@ def _lora_saved_bytes(case) -> int:
         spec, tokens = params["spec"], params["batch"] * params["seq"]
         per_layer = 3 * spec.hidden + spec.intermediate + 7 * params["r"]
         return spec.layers * tokens * per_layer * itemsize
-    return params["tokens"] * (params["in_features"] + params["r"]) * itemsize
+    saved = params["tokens"] * (params["in_features"] + params["r"]) * itemsize
+    if params.get("use_dora"):
+        # DoRA also keeps its unscaled output x Wᵀ + s·(x Aᵀ) Bᵀ (for the magnitude's gradient) and the fp32
+        # [out] vectors m / norm and norm (the norm itself is detached; no [out, in] tensor is saved).
+        saved += params["tokens"] * params["out_features"] * itemsize + 2 * params["out_features"] * 4
+    return saved
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -97,6 +97,31 @@ def test_inspect_reads_a_bin_adapter_without_loading_a_model(base_dir, tmp_path,
     assert "targeted modules: 14" in out and "float32 (28 tensors)" in out and "adapter_model.bin" in out
 
 
+def test_inspect_counts_dora_magnitudes_apart_from_the_factors(base_dir, tmp_path, capsys):
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], use_dora=True)
+    peft.get_peft_model(_fresh_base(base_dir), config).save_pretrained(tmp_path)
+    status, out, _ = _run(["inspect", tmp_path], capsys)
+    assert status == 0
+    assert "use_dora: true" in out
+    magnitudes = {
+        key: tensor
+        for key, tensor in load_file(tmp_path / "adapter_model.safetensors").items()
+        if key.endswith("lora_magnitude_vector")
+    }
+    count = sum(tensor.numel() for tensor in magnitudes.values())
+    assert f"DoRA magnitude vectors: {count:,} in {len(magnitudes)}" in out
+    assert "other tensors" not in out
+    assert "warning" not in out  # lora_engine loads DoRA adapters
+
+
+def test_inspect_warns_about_an_option_lora_engine_cannot_load(base_dir, tmp_path, capsys):
+    config = peft.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 2]])
+    peft.get_peft_model(_fresh_base(base_dir), config).save_pretrained(tmp_path)
+    status, out, _ = _run(["inspect", tmp_path], capsys)
+    assert status == 0
+    assert "warning: layer_replication=[[0, 2]] is not supported yet by lora_engine" in out
+
+
 # ---------------------------------------------------------------------------------------------------- merge
 
 

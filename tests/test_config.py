@@ -269,17 +269,7 @@ def test_invalid_task_type_message_lists_the_allowed_ones():
         LoraConfig(task_type="causal_lm")
 
 
-PEFT_ONLY_INITS = [
-    "pissa",
-    "pissa_niter_4",
-    "olora",
-    "loftq",
-    "eva",
-    "corda",
-    "lora_ga",
-    "orthogonal",
-    "mica",
-]
+PEFT_ONLY_INITS = ["loftq", "eva", "corda", "lora_ga", "mica"]
 
 
 @pytest.mark.parametrize("init", PEFT_ONLY_INITS)
@@ -296,7 +286,7 @@ def test_unknown_init_is_refused_as_unknown(init):
     assert f"init_lora_weights={init!r}" in str(error.value)
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian"])
+@pytest.mark.parametrize("init", [True, False, "gaussian", "pissa", "pissa_niter_4", "olora", "orthogonal"])
 def test_supported_init_is_accepted(init):
     assert LoraConfig(init_lora_weights=init).init_lora_weights == init
 
@@ -314,8 +304,6 @@ def test_layers_pattern_without_layers_to_transform_is_refused():
 
 
 UNSUPPORTED_OPTIONS = [
-    ("use_dora", True),
-    ("lora_bias", True),
     ("use_qalora", True),
     ("trainable_token_indices", [0, 1]),
     ("layer_replication", [[0, 2], [1, 2]]),

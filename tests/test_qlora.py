@@ -117,16 +117,17 @@ def _copy_adapter_weights(peft_model, our_model) -> None:
     assert not our_model.load_state_dict(adapter_state, strict=False).unexpected_keys
 
 
-def _peft_and_ours(load, prepare: bool = False, **load_kwargs):
-    """peft's and our LoRA model, each on a fresh quantized load, with one adapter (lora_B ~ N(0, 0.02))."""
+def _peft_and_ours(load, prepare: bool = False, lora: dict = LORA, **load_kwargs):
+    """peft's and our LoRA model, each on a fresh quantized load, with one adapter (lora_B ~ N(0, 0.02))
+    configured by ``lora``."""
     peft_base, our_base = load(**load_kwargs), load(**load_kwargs)
     if prepare:
         peft_base = peft.prepare_model_for_kbit_training(peft_base)
         our_base = prepare_model_for_kbit_training(our_base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # peft draws lora_A from the global generator
-        peft_model = peft.get_peft_model(peft_base, peft.LoraConfig(**LORA))
-    our_model = lora_engine.get_peft_model(our_base, lora_engine.LoraConfig(**LORA))
+        peft_model = peft.get_peft_model(peft_base, peft.LoraConfig(**lora))
+    our_model = lora_engine.get_peft_model(our_base, lora_engine.LoraConfig(**lora))
     _randomize_lora_B(peft_model)
     _copy_adapter_weights(peft_model, our_model)
     return peft_model, our_model
@@ -481,3 +482,46 @@ def test_parameter_counts_equal_peft_on_a_4bit_base(load):
     )
     theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+# --------------------------------------------------------------------------- DoRA on a quantized base
+DORA = {**LORA, "target_modules": ["q_proj", "v_proj"], "use_dora": True}
+
+
+def test_dora_on_4bit_logits_loss_and_every_gradient_match_peft(load, tokens):
+    peft_model, our_model = _peft_and_ours(load, lora=DORA, **QLORA)
+    results = []
+    for model in (peft_model, our_model):
+        model.train()
+        output = model(input_ids=tokens, labels=tokens)
+        output.loss.backward()
+        grads = {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
+        results.append((output.logits, output.loss, grads))
+    (peft_logits, peft_loss, peft_grads), (our_logits, our_loss, our_grads) = results
+    torch.testing.assert_close(our_logits, peft_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(our_loss, peft_loss, rtol=1e-5, atol=1e-6)
+    assert our_grads.keys() == peft_grads.keys()
+    assert sum("lora_magnitude_vector" in name for name in our_grads) == 4  # q and v of 2 layers
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, peft_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_dora_on_4bit_merge_and_unmerge_match_peft(load, tokens):
+    peft_model, our_model = _peft_and_ours(load, lora=DORA, **QLORA)
+    with our_model.disable_adapter():
+        base_logits = _logits(our_model, tokens)
+    for model in (peft_model, our_model):
+        model.merge_adapter()
+    # Both requantize m/‖W+ΔW‖·(W+ΔW); last-bit differences in the sum can move a value to another 4-bit code.
+    merged_logits = _logits(our_model, tokens)
+    assert not torch.allclose(merged_logits, base_logits, rtol=1e-3, atol=1e-3)  # the merge changed the model
+    torch.testing.assert_close(merged_logits, _logits(peft_model, tokens), rtol=1e-3, atol=1e-3)
+    for model in (peft_model, our_model):
+        model.unmerge_adapter()
+    torch.testing.assert_close(_logits(our_model, tokens), _logits(peft_model, tokens), rtol=1e-3, atol=1e-3)
+
+
+def test_dora_on_8bit_is_refused_naming_the_layer(load):
+    config = lora_engine.LoraConfig(**{**DORA, "target_modules": ["q_proj"]})
+    with pytest.raises(ValueError, match=r"use_dora=True on '.*q_proj' \(Linear8bitLt\).*not supported yet"):
+        lora_engine.get_peft_model(load(bits=8), config)

@@ -35,7 +35,9 @@ def weight_bytes(kind: str, in_features: int, out_features: int, dtype: torch.dt
     return in_features * out_features * element_bits // 8
 
 
-def _layer_model(impl, kind, in_features, out_features, r, dropout, dtype, device, seed, adapter_autocast):
+def _layer_model(
+    impl, kind, in_features, out_features, r, dropout, dtype, device, seed, adapter_autocast, use_dora
+):
     """``(layer to call, trainable parameters, all parameters)`` of copy ``seed``: the LoRA-wrapped base layer,
     or for ``impl == "base"`` the frozen base layer alone."""
     layer = base_layer(kind, in_features, out_features, dtype, device, seed)
@@ -49,6 +51,7 @@ def _layer_model(impl, kind, in_features, out_features, r, dropout, dtype, devic
         r=r,
         lora_alpha=2 * r,
         lora_dropout=dropout,
+        use_dora=use_dora,
     )
     return model.base_model.model.proj, trainable_parameters(model), list(model.parameters())
 
@@ -66,8 +69,9 @@ def lora_layer(
     dtype: torch.dtype,
     training: bool,
     adapter_autocast: bool,
+    use_dora: bool = False,
 ) -> Runner:
-    """A LoRA linear layer on ``x [tokens, in]``.
+    """A LoRA (or, with ``use_dora``, DoRA) linear layer on ``x [tokens, in]``.
 
     Training: one forward and one backward (gradients for ``x`` and the LoRA factors), the LoRA layer in train
     mode (dropout active). Inference: one forward under ``no_grad`` in eval mode. ``base`` is ``"dense"`` or
@@ -81,7 +85,7 @@ def lora_layer(
     instances, all_parameters = [], []
     for copy in range(copies):
         layer, trainable, parameters = _layer_model(
-            impl, base, in_features, out_features, r, dropout, dtype, device, copy, adapter_autocast
+            impl, base, in_features, out_features, r, dropout, dtype, device, copy, adapter_autocast, use_dora
         )
         layer.train(training)
         all_parameters += parameters

@@ -41,6 +41,8 @@ class Shapes:
     mixed_seq: int
     mixed_adapters: tuple[int, ...]
     loaded_adapters: tuple[int, ...]
+    dora_layer: tuple[int, int]  # DoRA forward + backward: a shape where peft's [out, in] temporary matters
+    dora_tokens: tuple[int, ...]
 
 
 _SMOKE = Shapes(
@@ -64,6 +66,8 @@ _SMOKE = Shapes(
     mixed_seq=8,
     mixed_adapters=(1, 2),
     loaded_adapters=(1, 2),
+    dora_layer=(64, 64),
+    dora_tokens=(8,),
 )
 
 _CPU_QUICK = Shapes(
@@ -87,6 +91,8 @@ _CPU_QUICK = Shapes(
     mixed_seq=32,
     mixed_adapters=(1, 4, 8, 16),
     loaded_adapters=(1, 4, 16, 64),
+    dora_layer=(4096, 4096),
+    dora_tokens=(512,),
 )
 
 _CPU_FULL = replace(
@@ -125,6 +131,8 @@ _CUDA_FULL = Shapes(
     mixed_seq=128,
     mixed_adapters=(1, 2, 4, 8, 16),
     loaded_adapters=(1, 8, 32, 128),
+    dora_layer=(4096, 4096),
+    dora_tokens=(512, 4096),
 )
 
 _CUDA_QUICK = replace(

@@ -12,7 +12,7 @@ from lora_engine.bench.shapes import MODES, SHAPES, Shapes
 
 __all__ = ["DROPOUT", "FAMILIES", "MODES", "cases"]
 
-FAMILIES = ("lora_linear", "qlora", "decode", "train_step", "mixed_batch", "merge", "adapters")
+FAMILIES = ("lora_linear", "qlora", "decode", "train_step", "mixed_batch", "merge", "adapters", "dora")
 DROPOUT = 0.1
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -28,6 +28,7 @@ def cases(device: str, mode: str, families: tuple[str, ...] = FAMILIES) -> list[
         "mixed_batch": _mixed_batch,
         "merge": _merge,
         "adapters": _adapters,
+        "dora": _dora,
     }
     unknown = sorted(set(families) - set(makers))
     if unknown:
@@ -43,7 +44,20 @@ def _dtype_name(shapes: Shapes, adapters_follow: bool = True) -> str:
 
 
 def _layer_case(
-    shapes, family, workload, label, *, base, layer, tokens, r, dropout, training, sweep, impls=IMPLS
+    shapes,
+    family,
+    workload,
+    label,
+    *,
+    base,
+    layer,
+    tokens,
+    r,
+    dropout,
+    training,
+    sweep,
+    impls=IMPLS,
+    use_dora=False,
 ):
     in_features, out_features = layer
     params = dict(
@@ -57,6 +71,8 @@ def _layer_case(
         training=training,
         adapter_autocast=shapes.adapter_autocast,
     )
+    if use_dora:
+        params["use_dora"] = True
     return Case(
         family=family,
         workload=workload,
@@ -134,6 +150,28 @@ def _lora_linear(shapes: Shapes) -> list[Case]:
         for tokens in shapes.tokens
     ]
     return found
+
+
+def _dora(shapes: Shapes) -> list[Case]:
+    """DoRA forward + backward (magnitude and factor gradients) on a dense layer: peft forms ``W + s·B A``
+    each step, ours does not."""
+    return [
+        _layer_case(
+            shapes,
+            "dora",
+            "dora_forward_backward",
+            "DoRA forward+backward",
+            base="dense",
+            layer=shapes.dora_layer,
+            tokens=tokens,
+            r=shapes.rank,
+            dropout=0.0,
+            training=True,
+            sweep=("tokens", tokens),
+            use_dora=True,
+        )
+        for tokens in shapes.dora_tokens
+    ]
 
 
 def _qlora(shapes: Shapes) -> list[Case]:

@@ -1,7 +1,7 @@
 """``lora-engine inspect ADAPTER_DIR``: what an adapter folder holds, read from its files alone.
 
-Reads ``adapter_config.json`` as plain JSON (so adapters with options lora_engine does not support, such as DoRA,
-can still be inspected) and the tensor names, shapes and dtypes from the safetensors header, without reading
+Reads ``adapter_config.json`` as plain JSON (so adapters with options lora_engine does not support, such as KaSA,
+can still be inspected, with a warning naming each such option) and the tensor names, shapes and dtypes from the safetensors header, without reading
 the tensors. A ``.bin`` adapter is read with ``torch.load(weights_only=True)``. Works on adapters made by peft
 or by lora_engine; no base model is needed.
 """
@@ -19,9 +19,15 @@ from pathlib import Path
 
 from lora_engine.cli.errors import UsageError
 from lora_engine.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
+from lora_engine.unsupported_options import unsupported_options
 
 # ".../q_proj.lora_A.weight" (Linear), ".../embed_tokens.lora_embedding_A" (Embedding).
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<factor>[AB])(?:\.weight)?$")
+# Adapter tensors besides the factors: DoRA magnitudes and lora_bias biases of lora_B.
+EXTRA_ADAPTER_KEYS = {
+    "DoRA magnitude vectors": re.compile(r".+\.lora_magnitude_vector$"),
+    "lora_B biases (lora_bias)": re.compile(r".+\.lora_B\.bias$"),
+}
 
 
 @dataclass(frozen=True)
@@ -63,17 +69,33 @@ def describe_adapter(folder: Path) -> str:
     lines.append(f"  target_modules: {_format_targets(config.get('target_modules'))}")
     if config.get("modules_to_save"):
         lines.append(f"  modules_to_save: {config['modules_to_save']}")
-    if config.get("use_dora"):
-        lines.append("  use_dora: true")
+    for option in ("use_dora", "lora_bias"):
+        if config.get(option):
+            lines.append(f"  {option}: true")
+    for option in unsupported_options(config):
+        lines.append(
+            f"  warning: {option} is not supported yet by lora_engine; this adapter cannot be loaded"
+        )
+    if config.get("peft_type", "LORA") != "LORA":
+        lines.append(
+            f"  warning: peft_type={config.get('peft_type')!r}; lora_engine loads LORA adapters only"
+        )
 
     lines.append(f"targeted modules: {len(ranks)}")
     for pattern, group_ranks, count in _module_patterns(ranks):
         rank_text = ", ".join(f"r={rank}" for rank in sorted(group_ranks, key=lambda rank: rank or 0))
         lines.append(f"  {pattern}  x{count}  {rank_text}")
     lora_parameters = sum(tensors[key].numel for key in lora_keys)
+    extras = {
+        label: [key for key in others if pattern.match(key)] for label, pattern in EXTRA_ADAPTER_KEYS.items()
+    }
+    others = [key for key in others if not any(key in keys for keys in extras.values())]
     other_parameters = sum(tensors[key].numel for key in others)
-    lines.append(f"parameters: {lora_parameters + other_parameters:,} in {len(tensors)} tensors")
+    lines.append(f"parameters: {sum(info.numel for info in tensors.values()):,} in {len(tensors)} tensors")
     lines.append(f"  LoRA factors: {lora_parameters:,}")
+    for label, keys in extras.items():
+        if keys:
+            lines.append(f"  {label}: {sum(tensors[key].numel for key in keys):,} in {len(keys)}")
     if others:
         lines.append(f"  other tensors (modules_to_save, biases, ...): {other_parameters:,} in {len(others)}")
     dtypes = Counter(info.dtype for info in tensors.values())

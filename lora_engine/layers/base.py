@@ -41,6 +41,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float | torch.Tensor] = {}
         self.use_rslora: dict[str, bool] = {}
         self.lora_dropout_p: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}  # lora_B carries a bias (peft's lora_bias)
         self.merged_adapters: list[str] = []
         self.active_adapters: list[str] = []
         self.disable_adapters = False
@@ -77,12 +78,14 @@ class LoraLayer(nn.Module):
         lora_dropout: float,
         use_rslora: bool,
         init_lora_weights,
+        lora_bias: bool = False,
     ) -> None:
         """Create the factors of ``adapter_name`` on the base weight's device, frozen.
 
         They take the base weight's dtype when it is floating point, else stay fp32 (``_move_adapter_to_base``;
         the 4-bit wrapper uses its compute dtype). ``LoraModel.inject_adapter`` then upcasts fp16/bf16 factors
-        to fp32 (peft's ``autocast_adapter_dtype``).
+        to fp32 (peft's ``autocast_adapter_dtype``). ``lora_bias`` gives ``lora_B`` a bias (zero-initialised
+        unless ``init_lora_weights`` is False), for the wrappers whose ``lora_B`` is a module (dense, conv).
         """
         if r <= 0:
             raise ValueError(f"r must be a positive integer, got {r} for adapter {adapter_name!r}")
@@ -91,6 +94,7 @@ class LoraLayer(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout_p[adapter_name] = float(lora_dropout)
+        self.lora_bias[adapter_name] = lora_bias
         self._create_factors(adapter_name, r, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
         for param in self.adapter_parameters(adapter_name):
@@ -163,7 +167,15 @@ class LoraLayer(nn.Module):
             container = getattr(self, container_name)
             if adapter_name in container:
                 del container[adapter_name]
-        for setting in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.lora_dropout_p):
+        settings = (
+            self.r,
+            self.lora_alpha,
+            self.scaling,
+            self.use_rslora,
+            self.lora_dropout_p,
+            self.lora_bias,
+        )
+        for setting in settings:
             setting.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             remaining = [name for name in self.active_adapters if name != adapter_name]
@@ -201,13 +213,20 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            merged = self.dense_weight() + self.get_delta_weight(name)
-            if not torch.isfinite(merged).all():
+            merged = self.merged_weight(name)
+            new_bias = self._merged_bias(name, subtract=False)
+            if not torch.isfinite(merged).all() or (
+                new_bias is not None and not torch.isfinite(new_bias).all()
+            ):
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {name!r} seems to be broken: merging it "
                     f"would put NaN or Inf into the base weight of {type(self.base_layer).__name__}; "
                     "the base weight is untouched"
                 )
+
+    def merged_weight(self, adapter_name: str) -> torch.Tensor:
+        """What merging ``adapter_name`` would make the base weight (as ``dense_weight``); mutates nothing."""
+        return self.dense_weight() + self.get_delta_weight(adapter_name)
 
     def unmerge(self) -> None:
         """Subtract the merged adapters' deltas again, last merged first."""
@@ -218,6 +237,7 @@ class LoraLayer(nn.Module):
             self._apply_delta(self.merged_adapters.pop(), subtract=True)
 
     def _apply_delta(self, adapter_name: str, subtract: bool) -> None:
+        new_bias = self._merged_bias(adapter_name, subtract)
         lora_A, lora_B = self.lora_factors(adapter_name)
         lora_merge(
             self.base_layer.weight.data,
@@ -227,6 +247,26 @@ class LoraLayer(nn.Module):
             fan_in_fan_out=self.delta_is_transposed,
             subtract=subtract,
         )
+        self._write_bias(new_bias)
+
+    def _merged_bias(self, adapter_name: str, subtract: bool) -> torch.Tensor | None:
+        """The base bias ± ``s · lora_B.bias`` of a ``lora_bias`` adapter (None for the others), computed before
+        anything is written. Raises ``RuntimeError`` when the base layer has no bias."""
+        if not self.lora_bias.get(adapter_name):
+            return None
+        base_bias = getattr(self.base_layer, "bias", None)
+        if base_bias is None:
+            raise RuntimeError(
+                f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias (adapter "
+                f"{adapter_name!r} on a {type(self.base_layer).__name__})"
+            )
+        delta = self.lora_B[adapter_name].bias.detach() * self.scaling[adapter_name]
+        merged = base_bias.data - delta if subtract else base_bias.data + delta
+        return merged.to(base_bias.dtype)
+
+    def _write_bias(self, new_bias: torch.Tensor | None) -> None:
+        if new_bias is not None:
+            self.base_layer.bias.data = new_bias
 
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a dense tensor that ``get_delta_weight`` can be added to (no copy here)."""

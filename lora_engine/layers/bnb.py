@@ -128,14 +128,18 @@ class _BnbLoraLinear(LoraLinear):
         self._unmerge_if_disabled()
         active = self._adapters_to_run()
         result = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            result = self._add_adapter_output(x, result, name)
+        return result
+
+    def _add_adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` (the base output plus earlier adapters) plus adapter ``name``'s low-rank term."""
+        lora_A, lora_B = self.lora_factors(name)
+        dropout_p = self.lora_dropout_p[name] if self.training else 0.0
+        delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
         # peft's exact test: it reads CUDA autocast only, so CPU autocast still casts.
         cast_to_result = not torch.is_autocast_enabled()
-        for name in active:
-            lora_A, lora_B = self.lora_factors(name)
-            dropout_p = self.lora_dropout_p[name] if self.training else 0.0
-            delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
-            result = result + (delta.to(result.dtype) if cast_to_result else delta)
-        return result
+        return result + (delta.to(result.dtype) if cast_to_result else delta)
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized base weight, ``[out, in]`` fp32."""

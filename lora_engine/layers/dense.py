@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_engine.layers import inits
 from lora_engine.layers.base import LoraLayer
 from lora_engine.ops.grouped_lora import grouped_lora
 from lora_engine.ops.lora_linear import lora_linear
@@ -35,18 +36,45 @@ class LoraLinear(LoraLayer):
 
     def _create_factors(self, adapter_name: str, r: int, init_lora_weights) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=self.lora_bias[adapter_name])
         lora_A, lora_B = self.lora_factors(adapter_name)
         if init_lora_weights is False:  # keep nn.Linear's init: the adapter is not a no-op (for tests)
+            return
+        if inits.is_weight_derived(init_lora_weights):
+            self._weight_derived_init(adapter_name, r, init_lora_weights)
             return
         if init_lora_weights == "gaussian":
             nn.init.normal_(lora_A, std=1 / r)
         else:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         nn.init.zeros_(lora_B)
+        if self.lora_bias[adapter_name]:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _weight_derived_init(self, adapter_name: str, r: int, init: str) -> None:
+        """PiSSA, OLoRA or orthogonal factors (``layers.inits``); PiSSA and OLoRA replace the base weight by the
+        residual ``W − s·B A``, so the adapted layer starts equal to the original one."""
+        weight = self.base_layer.weight
+        if init == "orthogonal":
+            lora_A, lora_B = inits.orthogonal(self.in_features, self.out_features, r, weight.dtype)
+        else:
+            if init == "olora":
+                if self.fan_in_fan_out:
+                    raise ValueError(
+                        "init_lora_weights='olora' on a transformers Conv1D (fan_in_fan_out) is not supported "
+                        "yet by lora_engine: peft's OLoRA factors its [in, out] weight into factors of the wrong shape"
+                    )
+                lora_A, lora_B, residual = inits.olora(weight, r, self.scaling[adapter_name])
+            else:
+                lora_A, lora_B, residual = inits.pissa(
+                    weight, r, self.scaling[adapter_name], init, self.fan_in_fan_out
+                )
+            weight.data = residual
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x [..., in]`` → ``[..., out]`` in the base layer's dtype."""
@@ -56,23 +84,41 @@ class LoraLinear(LoraLayer):
         active = self._adapters_to_run()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
         result = None
         for name in active:
-            lora_A, lora_B = self.lora_factors(name)
-            dropout_p = self.lora_dropout_p[name] if self.training else 0.0
-            if result is None:
-                result = lora_linear(
-                    x, weight, bias, lora_A, lora_B, self.scaling[name], dropout_p, self.fan_in_fan_out
-                )
-            else:
-                delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
-                result = (result + delta).to(result.dtype)
+            result = self._add_adapter_output(x, result, name)
         return result
+
+    def _add_adapter_output(self, x: torch.Tensor, result: torch.Tensor | None, name: str) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s term; ``result`` None means nothing computed yet, then the base
+        layer's output is computed in the same call."""
+        lora_A, lora_B = self.lora_factors(name)
+        dropout_p = self.lora_dropout_p[name] if self.training else 0.0
+        if result is None:
+            weight, bias = self.base_layer.weight, self.base_layer.bias
+            result = lora_linear(
+                x, weight, bias, lora_A, lora_B, self.scaling[name], dropout_p, self.fan_in_fan_out
+            )
+            return self._plus_lora_bias(result, name)
+        delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
+        return self._plus_lora_bias(result + delta, name).to(result.dtype)
+
+    def _plus_lora_bias(self, output: torch.Tensor, name: str) -> torch.Tensor:
+        """``output + s · lora_B.bias`` for a ``lora_bias`` adapter (the op has no bias for B), else ``output``."""
+        lora_B_bias = self.lora_B[name].bias
+        if lora_B_bias is None:
+            return output
+        return (output + lora_B_bias * self.scaling[name]).to(output.dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of ``x [B, ..., in]`` gets the adapter ``self.routing`` assigns it, in one grouped call."""
         result = self.base_layer(x, *args, **kwargs)
+        with_bias = [name for name in self.routing.names if self.lora_bias.get(name)]
+        if with_bias:
+            raise ValueError(
+                f"Cannot pass `adapter_names` for adapters with lora_bias=True ({with_bias}): lora_engine does not "
+                "support lora_bias in mixed-adapter batches of linear layers yet"
+            )
         stacked = self.stacked_factors(self.routing, x.device)
         if stacked is None:
             return result

@@ -48,14 +48,22 @@ class LoraEmbedding(LoraLayer):
         active = self._adapters_to_run()
         if not active:
             return result
-        base = self.base_layer
-        lookup = (base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
         summed = result
         for name in active:
-            lora_A, lora_B = self.lora_factors(name)
-            after_A = F.embedding(x, lora_A.T, *lookup)  # [..., r]
-            summed = summed + self._scaled((after_A @ lora_B.T) * self.scaling[name])
+            summed = self._add_adapter_output(x, summed, name)
         return summed.to(result.dtype)
+
+    def _add_adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` (the output so far) plus adapter ``name``'s term."""
+        return result + self._low_rank(x, name)
+
+    def _low_rank(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s · A[:, x]ᵀ Bᵀ``, times the base's ``embed_scale`` if it has one."""
+        base = self.base_layer
+        lookup = (base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        lora_A, lora_B = self.lora_factors(name)
+        after_A = F.embedding(x, lora_A.T, *lookup)  # [..., r]
+        return self._scaled((after_A @ lora_B.T) * self.scaling[name])
 
     def _scaled(self, delta: torch.Tensor) -> torch.Tensor:
         # Embeddings that scale their output (Gemma's embed_scale) scale the LoRA term too, as peft does.
