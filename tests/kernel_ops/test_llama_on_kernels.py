@@ -82,7 +82,9 @@ def test_merge_and_unmerge_match_the_reference_backend(kernels, llama_factory, i
 def test_mixed_adapter_batch_runs_the_grouped_kernels_and_matches_the_reference_backend(
     kernels, llama_factory, monkeypatch
 ):
-    model = _peft_llama(llama_factory, torch.float32, 0.0).eval()  # mixed batches are for inference (peft's rule)
+    model = _peft_llama(
+        llama_factory, torch.float32, 0.0
+    ).eval()  # mixed batches are for inference (peft's rule)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model.add_adapter(

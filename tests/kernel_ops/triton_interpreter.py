@@ -36,6 +36,7 @@ KERNEL_MODULES = {
     "lora_merge": "lora_engine.kernels.lora_merge",
     "grouped_lora": "lora_engine.kernels.grouped_lora",
     "nf4_dequantize": "lora_engine.kernels.nf4_dequantize",
+    "nf4_merge": "lora_engine.kernels.nf4_merge",
     "keep_mask": "philox_keep_mask",
 }
 
