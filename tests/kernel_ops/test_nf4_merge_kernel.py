@@ -2,11 +2,13 @@
 fp32 delta, ``quantize_4bit``; NF4 and FP4, with and without double quant, partial last blocks, subtract; and it
 refuses a non-finite merge before anything is written."""
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from bitsandbytes import functional as bnb_F
 from triton_interpreter import kernels_fixture  # noqa: F401  (registers the `kernels` fixture)
 
+from lora_engine import LoraConfig, backend, get_peft_model
 from lora_engine.ops.nf4_merge import nf4_merge
 
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -66,3 +68,47 @@ def test_a_delta_of_the_wrong_shape_is_refused_naming_it():
     packed, state = _quantized("nf4", False)
     with pytest.raises(ValueError, match=r"nf4_merge: delta is \(45, 29\) torch.float32"):
         nf4_merge(packed, state, _delta().T)
+
+
+class _Tiny4bit(torch.nn.Module):
+    def __init__(self, quant_type, double_quant):
+        super().__init__()
+        self.proj = bnb.nn.Linear4bit(
+            64, 40, compute_dtype=torch.bfloat16, quant_type=quant_type, compress_statistics=double_quant
+        )
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _lora_4bit(quant_type, double_quant):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = _Tiny4bit(quant_type, double_quant)
+        module.proj.weight = module.proj.weight.to("cpu")  # moving an unquantized Params4bit quantizes it
+        module.proj.support_avx512bf16_for_cpu = False  # keep bnb's portable layout (see tests/test_qlora.py)
+        config = LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False)
+        return get_peft_model(module, config)
+
+
+@pytest.mark.filterwarnings("ignore:Merge lora module", "ignore:Unmerge lora module")
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("fp4", False)])
+def test_lora_linear_4bit_merges_through_the_kernel_byte_for_byte_as_the_recipe(
+    kernels, monkeypatch, quant_type, double_quant
+):
+    calls = []
+    merge_kernel = kernels.nf4_merge.nf4_merge
+    monkeypatch.setattr(
+        kernels.nf4_merge, "nf4_merge", lambda *a, **k: calls.append(1) or merge_kernel(*a, **k)
+    )
+    ours, theirs = _lora_4bit(quant_type, double_quant), _lora_4bit(quant_type, double_quant)
+    ours.merge_adapter()
+    with monkeypatch.context() as reference:
+        reference.setenv(backend.ENV_VAR, "reference")
+        theirs.merge_adapter()
+    assert calls == [1]
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
