@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 import triton
-from lora_engine.kernels import fused_linear, grouped_lora, lora_merge, low_rank, nf4_dequantize
+from lora_engine.kernels import fused_linear, grouped_lora, lora_merge, low_rank, nf4_dequantize, nf4_merge
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -224,6 +224,17 @@ def _nf4_cases():
             enable_fp_fusion=False,
         )  # fmt: skip
         yield {"case": f"nf4_dequantize: {'double' if nested else 'single'} quant, bf16 out", **result}
+    merge_args = {
+        **args, "delta_ptr": _tensor(torch.float32), "bounds_ptr": _tensor(torch.float32),
+        "order_ptr": _tensor(torch.int32), "new_packed_ptr": _tensor(torch.uint8),
+        "new_absmax_ptr": _tensor(torch.float32), "flag_ptr": _tensor(torch.int32),
+    }  # fmt: skip
+    merge_constexprs = {**constexprs, "SIGN": 1.0, "WEIGHT_DTYPE": triton.language.bfloat16}
+    del merge_constexprs["BLOCK"]
+    result = _compile(
+        nf4_merge._merge_kernel, merge_args, merge_constexprs, nf4_merge.NUM_WARPS, 3, enable_fp_fusion=False
+    )
+    yield {"case": "nf4_merge: double quant, blocksize 64, bf16 weight", **result}
 
 
 def _grouped_cases():
