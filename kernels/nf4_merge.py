@@ -28,7 +28,11 @@ from .nf4_dequantize import TRITON_DTYPES, absmax_operands, block_scale, code_va
 
 __all__ = ["nf4_merge"]
 
-NUM_WARPS = 1 if INTERPRETED else 4
+
+def num_warps(blocksize: int) -> int:
+    """Warps per program (one 4-bit block): enough that a 4096-element block does not spill registers on an
+    H100 (4 warps do, for the 16-way midpoint compare); one under the interpreter."""
+    return 1 if INTERPRETED else min(16, max(4, blocksize // 256))
 
 
 @triton.jit
@@ -156,7 +160,7 @@ def nf4_merge(
             packed.reshape(-1).view(torch.uint8), code, delta_ptr=delta, bounds_ptr=bounds, order_ptr=order,
             new_packed_ptr=new_packed, new_absmax_ptr=new_absmax, flag_ptr=flag, NUMEL=numel,
             SIGN=-1.0 if subtract else 1.0, WEIGHT_DTYPE=TRITON_DTYPES[quant_state.dtype],
-            BLOCKSIZE=quant_state.blocksize, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            BLOCKSIZE=quant_state.blocksize, num_warps=num_warps(quant_state.blocksize), enable_fp_fusion=False,
             **absmax_operands(quant_state),
         )  # fmt: skip
     return new_packed, new_absmax, not flag.item()

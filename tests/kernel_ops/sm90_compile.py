@@ -229,12 +229,19 @@ def _nf4_cases():
         "order_ptr": _tensor(torch.int32), "new_packed_ptr": _tensor(torch.uint8),
         "new_absmax_ptr": _tensor(torch.float32), "flag_ptr": _tensor(torch.int32),
     }  # fmt: skip
-    merge_constexprs = {**constexprs, "SIGN": 1.0, "WEIGHT_DTYPE": triton.language.bfloat16}
-    del merge_constexprs["BLOCK"]
-    result = _compile(
-        nf4_merge._merge_kernel, merge_args, merge_constexprs, nf4_merge.NUM_WARPS, 3, enable_fp_fusion=False
-    )
-    yield {"case": "nf4_merge: double quant, blocksize 64, bf16 weight", **result}
+    for blocksize in (64, 4096):
+        merge_constexprs = {
+            **constexprs,
+            "BLOCKSIZE": blocksize,
+            "SIGN": 1.0,
+            "WEIGHT_DTYPE": triton.language.bfloat16,
+        }
+        del merge_constexprs["BLOCK"]
+        result = _compile(
+            nf4_merge._merge_kernel, merge_args, merge_constexprs, nf4_merge.num_warps(blocksize), 3,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        yield {"case": f"nf4_merge: double quant, blocksize {blocksize}, bf16 weight", **result}
 
 
 def _grouped_cases():
