@@ -123,4 +123,9 @@ class LoraLinear(LoraLayer):
         if stacked is None:
             return result
         self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
-        return (result + grouped_lora(x, *stacked)).to(result.dtype)
+        if torch.is_grad_enabled() or not result.is_contiguous():
+            return (result + grouped_lora(x, *stacked)).to(result.dtype)
+        # Inference (generate: every decode step): add into the fresh base output in place, the tokens grouped by
+        # adapter once per forward; the kernels do no work for base-only rows.
+        segments = self.routing.segments_for(stacked[0], math.prod(x.shape[1:-1]), stacked[1].shape[0])
+        return grouped_lora(x, *stacked, out=result, segments=segments)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lora_engine import backend
+from lora_engine.ops.grouped_lora import segment_rows
+
 BASE_ONLY = "__base__"
 
 
@@ -19,10 +22,29 @@ class AdapterRouting:
         position = {name: index for index, name in enumerate(self.names)}
         self.row_adapter = torch.tensor([position.get(name, -1) for name in adapter_names], dtype=torch.long)
         self.batch_size = len(adapter_names)
+        # Per forward, shared by the layers that hold the same adapters: their rows, and those grouped by adapter.
+        self._rows: dict[tuple, torch.Tensor] = {}
+        self._segments: dict[tuple, object] = {}
 
     def rows_for(self, held: list[str], device: torch.device) -> torch.Tensor:
         """``[B]`` indices into ``held`` (the routed adapters one layer holds, in ``self.names`` order), -1 where
-        the row runs an adapter the layer does not hold or the base model."""
+        the row runs an adapter the layer does not hold or the base model. Computed once per ``held`` and device."""
+        key = (tuple(held), device)
+        if key not in self._rows:
+            self._rows[key] = self._map_rows(held, device)
+        return self._rows[key]
+
+    def segments_for(self, rows: torch.Tensor, tokens_per_row: int, adapters: int):
+        """``rows`` (from ``rows_for``) grouped by adapter for ``grouped_lora``'s kernels, once per forward; None
+        where the op runs its reference, which needs none."""
+        if not backend.uses_triton("grouped_lora", rows.device):
+            return None
+        key = (id(rows), tokens_per_row)  # `rows` is held in self._rows for as long as this routing lives
+        if key not in self._segments:
+            self._segments[key] = segment_rows(rows, tokens_per_row, adapters)
+        return self._segments[key]
+
+    def _map_rows(self, held: list[str], device: torch.device) -> torch.Tensor:
         to_held = torch.full((len(self.names) + 1,), -1, dtype=torch.long)  # the last slot maps -1 to -1
         for held_index, name in enumerate(held):
             to_held[self.names.index(name)] = held_index

@@ -2,7 +2,7 @@
 
 Contract::
 
-    W = nf4_dequantize(packed, quant_state)      # bit-exact with bitsandbytes.functional.dequantize_4bit
+    W = nf4_dequantize(packed, quant_state, out=None)   # bit-exact with bitsandbytes.functional.dequantize_4bit
 
 - ``packed``: a ``Params4bit``'s ``.data``: two 4-bit code indices per byte, high nibble first, usually
   ``[ceil(numel / 2), 1]`` uint8; another ``quant_storage`` dtype (bf16, fp32, ...) is read as its bytes.
@@ -12,12 +12,17 @@ Contract::
   flattened weight; blocks cross rows), ``shape``, ``dtype``; when ``nested`` (double quant), ``absmax`` is
   uint8 and is decoded with ``state2`` (``absmax``, ``code``, ``blocksize``, ``dtype``) plus ``offset``.
   ``quant_state.code`` is not read: the NF4 and FP4 tables are fixed by the format.
-- Returns a new tensor of shape ``quant_state.shape`` and dtype ``quant_state.dtype`` (fp32, fp16 or bf16).
+- ``out`` (optional): a contiguous tensor of ``quant_state.shape`` and ``quant_state.dtype`` on ``packed``'s
+  device, overwritten and returned. For a scratch buffer reused across layers and steps (training decodes each
+  frozen weight again in every forward and backward): the caller owns it, and a result read after the next call
+  into the same buffer is that call's weight. ``None``: a new tensor.
+- Returns a tensor of shape ``quant_state.shape`` and dtype ``quant_state.dtype`` (fp32, fp16 or bf16).
   Each element is ``code[index] * absmax[block]`` computed in fp32, then rounded to nearest-even.
 
-Nothing is mutated. No gradient flows (the 4-bit weight is frozen). Raises ``ValueError`` for an unknown
-``quant_type``, or when ``packed`` or ``absmax`` holds fewer entries than ``quant_state.shape`` needs. There is no
-Triton kernel yet: the reference always runs, and ``LORA_ENGINE_BACKEND=triton`` is refused.
+Only ``out`` is mutated. No gradient flows (the 4-bit weight is frozen). Raises ``ValueError`` for an unknown
+``quant_type``, when ``packed`` or ``absmax`` holds fewer entries than ``quant_state.shape`` needs, or when ``out``
+does not fit the above. On CUDA (or ``LORA_ENGINE_BACKEND=triton``) one Triton launch decodes everything, the
+nested absmax included (``kernels/nf4_dequantize.py``); bit-exact with the reference below.
 
 Where bitsandbytes' own decodes disagree with one another, this op follows the format and bnb's pure-PyTorch
 decode (``bitsandbytes/backends/default/ops.py``), which it matches bit for bit:
@@ -35,6 +40,7 @@ decode (``bitsandbytes/backends/default/ops.py``), which it matches bit for bit:
 
 from __future__ import annotations
 
+import functools
 from math import prod
 
 import torch
@@ -64,10 +70,34 @@ def check_operands(packed: torch.Tensor, quant_state) -> None:
         )
 
 
+def check_out(out: torch.Tensor, packed: torch.Tensor, quant_state) -> None:
+    """``out`` as the module docstring requires; raises ``ValueError`` naming what differs."""
+    expected = (tuple(quant_state.shape), quant_state.dtype, packed.device)
+    if (tuple(out.shape), out.dtype, out.device) != expected or not out.is_contiguous():
+        raise ValueError(
+            f"nf4_dequantize: out is {tuple(out.shape)} {out.dtype} on {out.device}"
+            f"{'' if out.is_contiguous() else ', not contiguous'}; expected a contiguous {expected[0]} "
+            f"{expected[1]} on {expected[2]}"
+        )
+
+
+@functools.cache
+def _code_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The format's code table on ``device``, copied there once."""
+    return reference.CODE_TABLES[quant_type].to(device)
+
+
 @torch.no_grad()
-def nf4_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
-    """Packed 4-bit ``packed`` + ``quant_state`` → ``quant_state.shape`` in ``quant_state.dtype``; see the module
-    docstring."""
-    backend.require_reference("nf4_dequantize")
+def nf4_dequantize(packed: torch.Tensor, quant_state, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed 4-bit ``packed`` + ``quant_state`` → ``quant_state.shape`` in ``quant_state.dtype`` (into ``out``
+    when given); see the module docstring."""
     check_operands(packed, quant_state)
-    return reference.nf4_dequantize(packed, quant_state)
+    if out is not None:
+        check_out(out, packed, quant_state)
+    if backend.uses_triton("nf4_dequantize", packed.device):
+        from lora_engine.kernels.nf4_dequantize import nf4_dequantize as triton_dequantize
+
+        code = _code_on(quant_state.quant_type, packed.device)
+        return triton_dequantize(packed, quant_state, code, out)
+    weight = reference.nf4_dequantize(packed, quant_state)
+    return weight if out is None else out.copy_(weight)

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 import triton
-from lora_engine.kernels import fused_linear, lora_merge, low_rank
+from lora_engine.kernels import fused_linear, grouped_lora, lora_merge, low_rank, nf4_dequantize, nf4_merge
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -26,10 +26,12 @@ H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TOKENS, IN_FEATURES, OUT_FEATURES, RANK = 8192, 4096, 4096, 16
 SEED = 2**40 + 12345  # as drawn by ops.lora_linear: 64-bit
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32"}
+TRITON_TYPES = {
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.uint8: "u8"
+}  # fmt: skip
 
 
-def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_stages: int, **options) -> dict:
     signature, constants, attrs = {}, dict(constexprs), {}
     for index, name in enumerate(jit_function.arg_names):
         value = args.get(name)
@@ -49,7 +51,8 @@ def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_sta
             if value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(jit_function, signature, constants, attrs)
-    compiled = triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **options}
+    compiled = triton.compile(source, target=H100, options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -58,6 +61,8 @@ def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_sta
         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "shared": compiled.metadata.shared,
+        "wgmma": "wgmma" in compiled.asm["ptx"],
+        "fp32_fma": "fma.rn.f32" in compiled.asm["ptx"],
     }
 
 
@@ -202,10 +207,77 @@ def _merge_cases():
         yield {"case": f"merge: {'write' if write else 'check'} pass, bf16 weight", **result}
 
 
+def _nf4_cases():
+    for nested in (False, True):
+        args = {
+            "packed_ptr": _tensor(torch.uint8), "code_ptr": _tensor(torch.float32),
+            "absmax_ptr": _tensor(torch.uint8 if nested else torch.float32), "absmax2_ptr": _tensor(torch.float32),
+            "code2_ptr": _tensor(torch.float32), "out_ptr": _tensor(torch.bfloat16),
+            "NUMEL": OUT_FEATURES * IN_FEATURES, "offset": 0.01,
+        }  # fmt: skip
+        constexprs = {
+            "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "ABSMAX2_DTYPE": triton.language.float32,
+            "BLOCK": nf4_dequantize.BLOCK,
+        }  # fmt: skip
+        result = _compile(
+            nf4_dequantize._dequantize_kernel, args, constexprs, nf4_dequantize.NUM_WARPS, 3,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        yield {"case": f"nf4_dequantize: {'double' if nested else 'single'} quant, bf16 out", **result}
+    merge_args = {
+        **args, "delta_ptr": _tensor(torch.float32), "bounds_ptr": _tensor(torch.float32),
+        "order_ptr": _tensor(torch.int32), "new_packed_ptr": _tensor(torch.uint8),
+        "new_absmax_ptr": _tensor(torch.float32), "flag_ptr": _tensor(torch.int32),
+    }  # fmt: skip
+    for blocksize in (64, 4096):
+        merge_constexprs = {
+            **constexprs,
+            "BLOCKSIZE": blocksize,
+            "SIGN": 1.0,
+            "WEIGHT_DTYPE": triton.language.bfloat16,
+        }
+        del merge_constexprs["BLOCK"]
+        result = _compile(
+            nf4_merge._merge_kernel, merge_args, merge_constexprs, nf4_merge.num_warps(blocksize), 3,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        yield {"case": f"nf4_merge: double quant, blocksize {blocksize}, bf16 weight", **result}
+
+
+def _grouped_cases():
+    """A prefill-sized mixed batch (bf16 x, bf16 adapters): its dots are large enough for wgmma."""
+    tiles = {
+        name: _tensor(torch.int32)
+        for name in ("order_ptr", "tile_adapter_ptr", "tile_start_ptr", "tile_end_ptr")
+    }
+    bf16 = torch.bfloat16
+    shrink_args = {
+        "x_ptr": _tensor(bf16), "lora_A_ptr": _tensor(bf16), "h_ptr": _tensor(torch.float32), **tiles,
+        "K": IN_FEATURES, "R": RANK, "stride_x_t": IN_FEATURES, "stride_x_k": 1, "stride_a_n": RANK * IN_FEATURES,
+        "stride_a_r": IN_FEATURES, "stride_a_k": 1,
+    }  # fmt: skip
+    blocks = {"FP32_PRECISION": "tf32x3", "BLOCK_M": grouped_lora.BLOCK_M, "BLOCK_R": RANK}
+    result = _compile(
+        grouped_lora._shrink_kernel, shrink_args, {**blocks, "BLOCK_K": grouped_lora.BLOCK_K},
+        grouped_lora.NUM_WARPS, 3,
+    )  # fmt: skip
+    yield {"case": "grouped_lora: shrink, bf16", "large_dot": True, **result}
+    expand_args = {
+        "h_ptr": _tensor(torch.float32), "lora_B_ptr": _tensor(bf16), "scaling_ptr": _tensor(torch.float32),
+        "out_ptr": _tensor(bf16), **tiles, "N": OUT_FEATURES, "R": RANK, "stride_b_n_adapter": OUT_FEATURES * RANK,
+        "stride_b_n": RANK, "stride_b_r": 1, "stride_out_t": OUT_FEATURES, "stride_out_n": 1,
+    }  # fmt: skip
+    result = _compile(
+        grouped_lora._expand_kernel, expand_args, {**blocks, "BLOCK_N": grouped_lora.BLOCK_N},
+        grouped_lora.NUM_WARPS, 3,
+    )  # fmt: skip
+    yield {"case": "grouped_lora: expand, bf16", "large_dot": True, **result}
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
-    for result in (*_fused_cases(), *_rank_cases(), *_merge_cases()):
+    for result in (*_fused_cases(), *_rank_cases(), *_merge_cases(), *_nf4_cases(), *_grouped_cases()):
         print(json.dumps(result), flush=True)
 
 

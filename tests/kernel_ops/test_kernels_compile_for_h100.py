@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(records) == 11, records
+    assert len(records) == 17, records
     return records
 
 
@@ -41,3 +41,14 @@ def test_no_kernel_spills_registers_on_h100(compiled):
 def test_every_kernel_fits_h100_shared_memory(compiled):
     too_big = [record for record in compiled if record["shared"] > H100_SHARED_MEMORY_PER_BLOCK]
     assert not too_big, too_big
+
+
+def test_large_grouped_dots_run_on_hopper_warpgroup_mma(compiled):
+    large = [record for record in compiled if record.get("large_dot")]
+    assert large and all(record["wgmma"] for record in large), large
+
+
+def test_nf4_decode_has_no_fused_multiply_add_so_it_rounds_as_bitsandbytes(compiled):
+    # The nested absmax is (code2 · absmax2) + offset with two roundings; an FMA would round once.
+    decodes = [record for record in compiled if record["case"].startswith("nf4_")]
+    assert len(decodes) == 4 and not any(record["fp32_fma"] for record in decodes), decodes

@@ -77,3 +77,36 @@ def test_merge_and_unmerge_match_the_reference_backend(kernels, llama_factory, i
             torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(merged_logits, unmerged_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours(input_ids=input_ids).logits.detach(), unmerged_logits)
+
+
+def test_mixed_adapter_batch_runs_the_grouped_kernels_and_matches_the_reference_backend(
+    kernels, llama_factory, monkeypatch
+):
+    model = _peft_llama(
+        llama_factory, torch.float32, 0.0
+    ).eval()  # mixed batches are for inference (peft's rule)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model.add_adapter(
+            "other", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+    input_ids = torch.randint(0, 64, (4, 5), generator=torch.Generator().manual_seed(0))
+    routes = ["other", "__base__", "default", "other"]  # ranks 2 and 4 in one batch, and a base-only row
+    calls = []
+    monkeypatch.setattr(
+        kernels.grouped_lora, "grouped_lora_", _counting(kernels.grouped_lora.grouped_lora_, calls)
+    )
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, adapter_names=routes).logits
+        monkeypatch.setenv("LORA_ENGINE_BACKEND", "reference")
+        theirs = model(input_ids=input_ids, adapter_names=routes).logits
+    assert len(calls) == 7 * 2  # every linear layer of both decoder layers ran the kernels
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def _counting(function, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return counted

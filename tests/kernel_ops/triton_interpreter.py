@@ -34,6 +34,9 @@ from lora_engine import backend
 KERNEL_MODULES = {
     "lora_linear": "lora_engine.kernels.lora_linear",
     "lora_merge": "lora_engine.kernels.lora_merge",
+    "grouped_lora": "lora_engine.kernels.grouped_lora",
+    "nf4_dequantize": "lora_engine.kernels.nf4_dequantize",
+    "nf4_merge": "lora_engine.kernels.nf4_merge",
     "keep_mask": "philox_keep_mask",
 }
 

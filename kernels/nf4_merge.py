@@ -1,0 +1,166 @@
+"""Merge a dense delta into a bitsandbytes 4-bit weight in one Triton pass: decode, add, quantize again.
+
+One program per 4-bit block. It decodes the block (``nf4_dequantize``'s helpers, nested absmax inline), rounds it
+to the weight's dtype and back to fp32 (the recipe's ``dequantize_4bit(...).float()``), adds the fp32 delta, and
+quantizes the sum with the rule of bitsandbytes' pure-PyTorch ``quantize_4bit`` (the one its CPU backend runs):
+
+- ``absmax`` = max |x| over the block;
+- a full block is scaled by ``x * (1 / max(absmax, 1e-38))``, the last, partial block by ``x / max(absmax, 1e-38)``
+  (bnb does the two differently), both clamped to [-1, 1];
+- the index is the number of code midpoints strictly below the scaled value (``torch.bucketize``), mapped through
+  the sorted-to-code ``order`` (the identity for NF4), and packed two per byte, high nibble first.
+
+The new bytes and fp32 absmax go to fresh buffers, and a flag records any non-finite sum, so that the caller can
+refuse a bad merge (``safe_merge``) before anything of the layer is written. Re-compressing the absmax (double
+quant) is left to the caller: it is bnb's ``quantize_blockwise`` on ``absmax - absmax.mean()``.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INTERPRETED, cast, on_device
+from .nf4_dequantize import TRITON_DTYPES, absmax_operands, block_scale, code_values
+
+__all__ = ["nf4_merge"]
+
+
+def num_warps(blocksize: int) -> int:
+    """Warps per program (one 4-bit block): enough that a 4096-element block does not spill registers on an
+    H100 (4 warps do, for the 16-way midpoint compare); one under the interpreter."""
+    return 1 if INTERPRETED else min(16, max(4, blocksize // 256))
+
+
+@triton.jit
+def _merged(
+    elements,
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    delta_ptr,
+    NUMEL,
+    offset,
+    SIGN,
+    WEIGHT_DTYPE: tl.constexpr,
+    BLOCKSIZE,
+    BLOCKSIZE2,
+    NESTED: tl.constexpr,
+    ABSMAX2_DTYPE: tl.constexpr,
+):
+    """fp32 ``decode(elements).to(WEIGHT_DTYPE).float() + SIGN * delta``; 0 past ``NUMEL`` (bnb's padding)."""
+    in_range = elements < NUMEL
+    values = code_values(packed_ptr, code_ptr, elements, in_range)
+    scale = block_scale(
+        elements // BLOCKSIZE,
+        absmax_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset,
+        in_range,
+        BLOCKSIZE2,
+        NESTED,
+        ABSMAX2_DTYPE,
+    )
+    weight = cast(values * scale, WEIGHT_DTYPE).to(tl.float32)
+    delta = tl.load(delta_ptr + elements, mask=in_range, other=0.0)
+    return tl.where(in_range, weight + SIGN * delta, 0.0)
+
+
+@triton.jit
+def _quantized(x, absmax, partial, bounds, order):
+    """bnb's pure-PyTorch 4-bit index of ``x`` in a block of ``absmax`` (see the module docstring)."""
+    clamped = tl.maximum(absmax, 1e-38)
+    scaled = tl.where(partial, tl.math.div_rn(x, clamped), x * tl.math.div_rn(1.0, clamped))
+    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    position = tl.sum((bounds[None, :] < scaled[:, None]).to(tl.int32), 1)
+    return tl.gather(order, position, 0)
+
+
+@triton.jit
+def _not_finite(x):
+    # NaN fails `<` as well, so this counts NaN and ±Inf alike.
+    return tl.sum(((tl.abs(x) < float("inf")) == 0).to(tl.int32))
+
+
+@triton.jit
+def _merge_kernel(
+    packed_ptr,  # [ceil(NUMEL / 2)] uint8, read
+    code_ptr,  # [16] fp32
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    delta_ptr,  # [NUMEL] fp32, added (or subtracted with SIGN = -1)
+    bounds_ptr,  # [16] fp32: the 15 sorted code midpoints, then +inf
+    order_ptr,  # [16] int32: sorted position → code index
+    new_packed_ptr,  # [ceil(NUMEL / 2)] uint8, written
+    new_absmax_ptr,  # [blocks] fp32, written
+    flag_ptr,  # [1] int32: set to 1 when a sum is not finite
+    NUMEL,
+    offset,
+    SIGN: tl.constexpr,
+    WEIGHT_DTYPE: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    ABSMAX2_DTYPE: tl.constexpr,
+):
+    block = tl.program_id(0)
+    pairs = block.to(tl.int64) * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)  # one byte each
+    high = _merged(
+        2 * pairs, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, delta_ptr, NUMEL, offset, SIGN,
+        WEIGHT_DTYPE, BLOCKSIZE, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+    )  # fmt: skip
+    low = _merged(
+        2 * pairs + 1, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, delta_ptr, NUMEL, offset, SIGN,
+        WEIGHT_DTYPE, BLOCKSIZE, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+    )  # fmt: skip
+    # Every program that sees a bad value writes the same 1: a benign race, no atomic needed.
+    tl.store(flag_ptr, 1, mask=_not_finite(high) + _not_finite(low) > 0)
+
+    absmax = tl.maximum(tl.max(tl.abs(high), 0), tl.max(tl.abs(low), 0))
+    tl.store(new_absmax_ptr + block, absmax)
+    partial = (block + 1).to(tl.int64) * BLOCKSIZE > NUMEL  # bnb divides in the last, partial block
+    bounds = tl.load(bounds_ptr + tl.arange(0, 16))
+    order = tl.load(order_ptr + tl.arange(0, 16))
+    byte = (_quantized(high, absmax, partial, bounds, order) << 4) | _quantized(
+        low, absmax, partial, bounds, order
+    )
+    tl.store(new_packed_ptr + pairs, byte.to(tl.uint8), mask=2 * pairs < NUMEL)
+
+
+@torch.no_grad()
+def nf4_merge(
+    packed: torch.Tensor,
+    quant_state,
+    delta: torch.Tensor,
+    subtract: bool,
+    code: torch.Tensor,
+    bounds: torch.Tensor,
+    order: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(new packed bytes [ceil(numel / 2)] uint8, new absmax [blocks] fp32, all sums finite)`` of
+    ``dequantize(packed) ± delta`` quantized again; see ``ops.nf4_merge`` for the contract (it checks operands).
+
+    ``delta``: contiguous fp32 of ``quant_state.shape``; ``code``, ``bounds`` (15 midpoints + inf, fp32) and
+    ``order`` (int32) as the op builds them from the format's table. Nothing is mutated.
+    """
+    numel = prod(quant_state.shape)
+    blocks = triton.cdiv(numel, quant_state.blocksize)
+    new_packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=packed.device)
+    new_absmax = torch.empty(blocks, dtype=torch.float32, device=packed.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=packed.device)
+    with on_device(packed):
+        _merge_kernel[(blocks,)](
+            packed.reshape(-1).view(torch.uint8), code, delta_ptr=delta, bounds_ptr=bounds, order_ptr=order,
+            new_packed_ptr=new_packed, new_absmax_ptr=new_absmax, flag_ptr=flag, NUMEL=numel,
+            SIGN=-1.0 if subtract else 1.0, WEIGHT_DTYPE=TRITON_DTYPES[quant_state.dtype],
+            BLOCKSIZE=quant_state.blocksize, num_warps=num_warps(quant_state.blocksize), enable_fp_fusion=False,
+            **absmax_operands(quant_state),
+        )  # fmt: skip
+    return new_packed, new_absmax, not flag.item()
