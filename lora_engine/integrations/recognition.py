@@ -23,12 +23,14 @@ from peft import PeftConfig, ...``); without peft, TRL refuses ``peft_config=`` 
 supported with peft installed (``pip install trl[peft]``), which lora_engine still never imports.
 
 Modules are taught after they run, by a ``sys.meta_path`` finder that wraps the loader of modules of the three
-packages; importing anything else is untouched.
+packages; importing anything else is untouched. At ``import lora_engine``, modules already loaded are taught
+too, and any other loaded module that bound one of the two checking functions gets the taught one.
 """
 
 from __future__ import annotations
 
 import importlib.abc
+import importlib.metadata
 import sys
 from types import ModuleType
 
@@ -68,17 +70,16 @@ _in_trl: dict[int, tuple[object, object]] = {}
 _taught: set[str] = set()
 
 
-def _library_version(module_name: str) -> str:
-    package = sys.modules.get(module_name.partition(".")[0])
-    return getattr(package, "__version__", "unknown")
-
-
 def _unsupported(module_name: str, what: str) -> UnsupportedLibraryError:
     package = module_name.partition(".")[0]
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "(not installed)"
     return UnsupportedLibraryError(
-        f"lora_engine cannot make {package} {_library_version(module_name)} recognise its PeftModel: {what} in "
-        f"{module_name}. lora_engine/integrations/recognition.py supports accelerate 1.15, transformers 5.24 and "
-        "trl 1.16; use one of those versions or update that module."
+        f"lora_engine cannot make {package} {version} recognise its PeftModel: in {module_name}, {what}. "
+        "lora_engine/integrations/recognition.py supports accelerate 1.15, transformers 5.24 and trl 1.16; "
+        "use one of those versions or update that module."
     )
 
 
@@ -227,6 +228,10 @@ def install() -> None:
     loaded.sort(key=lambda module: module.__name__ not in _DEFINITIONS)
     for module in loaded:
         teach(module)
+    # Code imported before lora_engine (a user's `from accelerate.utils import is_peft_model`) bound the originals.
+    for name, module in list(sys.modules.items()):
+        if isinstance(module, ModuleType) and not _is_watched(name, module):
+            _replace(module, _everywhere)
 
 
 def _is_watched(name: str, module) -> bool:
