@@ -76,7 +76,9 @@ def fsdp2_loop(output_dir: Path) -> tuple[list[float], list[bool], torch.nn.Modu
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
         losses.append(mean_loss.item())
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # a collective: all ranks
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True)
+    )  # a collective: all ranks
     _record_saves(model, saves)
     model.save_pretrained(output_dir / "adapter", state_dict=full, is_main_process=rank == 0)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
@@ -92,7 +94,9 @@ def main() -> None:
         weights = model_or_weights
     else:
         weights = {name: p.detach() for name, p in model_or_weights.named_parameters() if p.requires_grad}
-    save_file({name: value.contiguous() for name, value in weights.items()}, output_dir / f"rank{rank}.safetensors")
+    save_file(
+        {name: value.contiguous() for name, value in weights.items()}, output_dir / f"rank{rank}.safetensors"
+    )
     (output_dir / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "saves": saves}))
     dist.barrier()
     dist.destroy_process_group()

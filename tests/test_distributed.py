@@ -28,7 +28,11 @@ def _torchrun(mode: str, output_dir: Path) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [*command, str(WORKER), mode, str(output_dir)], check=True, env=environment, cwd=WORKER.parent, timeout=300
+        [*command, str(WORKER), mode, str(output_dir)],
+        check=True,
+        env=environment,
+        cwd=WORKER.parent,
+        timeout=300,
     )
     reports = []
     for rank in range(2):
@@ -49,7 +53,9 @@ def _assert_same(actual: dict, expected: dict, **tolerance) -> None:
 
 
 def _reloaded_adapter(folder: Path) -> dict[str, torch.Tensor]:
-    base = lora_model().unload()  # the same base weights, without LoRA layers: only the files hold the adapter
+    base = (
+        lora_model().unload()
+    )  # the same base weights, without LoRA layers: only the files hold the adapter
     return _trainable(lora_engine.PeftModel.from_pretrained(base, str(folder), is_trainable=True))
 
 
@@ -106,7 +112,9 @@ def test_ddp_with_the_stock_trainer_matches_one_process_and_saves_once(tmp_path)
     _assert_same(rank1["weights"], rank0["weights"], rtol=0, atol=0)
     _assert_same(rank0["weights"], expected_weights, rtol=1e-4, atol=1e-6)
     assert rank0["saves"] == [True] and rank1["saves"] == []  # the Trainer asks rank 0 alone to save
-    _assert_same(_reloaded_adapter(tmp_path / "trainer" / f"checkpoint-{STEPS}"), rank0["weights"], rtol=0, atol=0)
+    _assert_same(
+        _reloaded_adapter(tmp_path / "trainer" / f"checkpoint-{STEPS}"), rank0["weights"], rtol=0, atol=0
+    )
 
 
 def test_fsdp2_fully_shard_loop_matches_one_process_and_saves_once(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from conftest import tiny_llama_config
-from test_trainer import _history, _TokenRows, _tied_llama, _trainable
+from test_trainer import _history, _tied_llama, _TokenRows, _trainable
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments, pipeline
 from transformers.trainer_utils import _is_peft_model
 
@@ -53,7 +53,9 @@ def test_import_lora_engine_does_not_import_peft():
     code = "import sys, lora_engine, accelerate.utils, transformers.trainer_utils; assert 'peft' not in sys.modules"
     # transformers.trainer_utils imports peft itself when peft is installed: block it to see lora_engine alone.
     blocked = "import sys; sys.modules['peft'] = None\n" + code.replace("assert 'peft' not in", "assert not")
-    subprocess.run([sys.executable, "-c", "import sys, lora_engine; assert 'peft' not in sys.modules"], check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import sys, lora_engine; assert 'peft' not in sys.modules"], check=True
+    )
     subprocess.run([sys.executable, "-c", blocked + "['peft']"], check=True)
 
 
@@ -68,7 +70,9 @@ def test_accelerate_and_transformers_checks_answer_true_for_our_peft_model():
 def test_unsupported_library_layout_fails_loudly_naming_the_missing_check():
     renamed = types.ModuleType("trl.trainer.sft_trainer")
     renamed.is_peft_model_v2 = is_peft_model  # a future trl that renamed what we teach
-    with pytest.raises(recognition.UnsupportedLibraryError, match=r"trl\.trainer\.sft_trainer.*is_peft_model"):
+    with pytest.raises(
+        recognition.UnsupportedLibraryError, match=r"trl\.trainer\.sft_trainer.*is_peft_model"
+    ):
         recognition.teach(renamed)
 
 
@@ -175,7 +179,9 @@ def test_text_generation_pipeline_runs_the_wrapped_model_like_peft():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             base = LlamaForCausalLM(tiny_llama_config())
-            config = library.LoraConfig(target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+            config = library.LoraConfig(
+                target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM"
+            )
             wrapped = library.get_peft_model(base, config).eval()
         generate = pipeline("text-generation", model=wrapped, tokenizer=_tokenizer(), device="cpu")
         outputs.append(generate("the cat sat", max_new_tokens=6, do_sample=False)[0]["generated_text"])

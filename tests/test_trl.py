@@ -16,7 +16,28 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 import lora_engine
 
-WORDS = "the a cat dog sat ran on under mat log red blue big small and then quickly slowly jumped slept".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "log",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "and",
+    "then",
+    "quickly",
+    "slowly",
+    "jumped",
+    "slept",
+]
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 
@@ -33,7 +54,8 @@ def _sentences(count: int) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(4, 10, (count,), generator=generator)
     return [
-        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=generator)) for n in lengths
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=generator))
+        for n in lengths
     ]
 
 
@@ -81,7 +103,11 @@ def _train(library, kind: str, wrap_first: bool, output_dir):
         else:
             model, peft_config = _base(), lora
         trainer = trainer_class(
-            model=model, args=args, train_dataset=data(), processing_class=_tokenizer(), peft_config=peft_config
+            model=model,
+            args=args,
+            train_dataset=data(),
+            processing_class=_tokenizer(),
+            peft_config=peft_config,
         )
         trainer.train()
     return trainer
