@@ -17,6 +17,7 @@ from conftest import tiny_llama_config
 from test_trainer import _history, _tied_llama, _TokenRows, _trainable
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments, pipeline
 from transformers.trainer_utils import _is_peft_model
+from trl_setup import tokenizer
 
 import lora_engine
 from lora_engine.integrations import recognition
@@ -172,8 +173,6 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward():
 
 
 def test_text_generation_pipeline_runs_the_wrapped_model_like_peft():
-    from test_trl import _tokenizer
-
     outputs = []
     for library in (peft, lora_engine):
         with torch.random.fork_rng(devices=[]):
@@ -183,7 +182,7 @@ def test_text_generation_pipeline_runs_the_wrapped_model_like_peft():
                 target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM"
             )
             wrapped = library.get_peft_model(base, config).eval()
-        generate = pipeline("text-generation", model=wrapped, tokenizer=_tokenizer(), device="cpu")
+        generate = pipeline("text-generation", model=wrapped, tokenizer=tokenizer(), device="cpu")
         outputs.append(generate("the cat sat", max_new_tokens=6, do_sample=False)[0]["generated_text"])
     assert outputs[1] == outputs[0]
     assert outputs[0] != "the cat sat"

@@ -19,8 +19,10 @@ and configs take exactly the library's own path. A library upgrade that renames 
 ``UnsupportedLibraryError`` on import of that library module, naming what is missing: never a silent fall-back.
 
 TRL imports peft by itself when peft is installed (``trl/trainer/sft_trainer.py``: ``if is_peft_available():
-from peft import PeftConfig, ...``); without peft, TRL refuses ``peft_config=`` before looking at it, so TRL is
-supported with peft installed (``pip install trl[peft]``), which lora_engine still never imports.
+from peft import PeftConfig, ...``). Without peft, the modules of ``SFTTrainer``, ``DPOTrainer`` and
+``trl.trainer.utils`` get our classes under the names they would have imported from peft, and an
+``is_peft_available`` that answers True (else TRL refuses ``peft_config=``): ``_WITHOUT_PEFT`` below. TRL's other
+trainers (GRPO, KTO, RLOO, reward, distillation) are taught only when peft is installed, and are untested.
 
 Modules are taught after they run, by a ``sys.meta_path`` finder that wraps the loader of modules of the three
 packages; importing anything else is untouched. At ``import lora_engine``, modules already loaded are taught
@@ -36,7 +38,7 @@ from types import ModuleType
 
 from accelerate.utils import extract_model_from_parallel
 
-from lora_engine.config import PeftConfig
+from lora_engine.config import LoraConfig, PeftConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.mapping import get_peft_model as lora_engine_get_peft_model
 from lora_engine.peft_model import PeftModel
@@ -67,7 +69,6 @@ class UnsupportedLibraryError(ImportError):
 # id(original object) -> (original, replacement); a module global is replaced only if it *is* the original.
 _everywhere: dict[int, tuple[object, object]] = {}
 _in_trl: dict[int, tuple[object, object]] = {}
-_taught: set[str] = set()
 
 
 def _unsupported(module_name: str, what: str) -> UnsupportedLibraryError:
@@ -127,9 +128,13 @@ def _dispatching_get_peft_model(peft_get_peft_model):
     return get_peft_model
 
 
-def _register_peft_names() -> None:
-    """Replacements for the peft names TRL imported; called once peft is in sys.modules (never imported here)."""
-    peft = sys.modules["peft"]
+def _imported_peft() -> ModuleType | None:
+    """peft if something else imported it (``sys.modules["peft"]`` may also be None: import blocked)."""
+    return sys.modules.get("peft")
+
+
+def _register_peft_names(peft: ModuleType) -> None:
+    """Replacements for the peft names TRL imported from ``peft`` (imported by TRL, never here)."""
     tuners_utils = sys.modules.get("peft.tuners.tuners_utils")
     originals = {
         "PeftConfig": (peft.PeftConfig, lambda cls: _either(cls, PeftConfig)),
@@ -165,19 +170,70 @@ def teach(module: ModuleType) -> None:
         _everywhere.setdefault(id(original), (original, make(original)))
     _replace(module, _everywhere)
     if name.startswith("trl"):
-        if "peft" in sys.modules:
-            _register_peft_names()
+        peft = _imported_peft()
+        if peft is not None:
+            _register_peft_names(peft)
         _replace(module, _in_trl)
+        if peft is None and name in _WITHOUT_PEFT:
+            _provide_peft_names(module, _WITHOUT_PEFT[name])
     _check_required_bindings(module)
-    _taught.add(name)
+
+
+class _NoLoraEngineConfig:
+    """Stands for a peft config class lora_engine has no counterpart of (``PrefixTuningConfig``): nothing is an
+    instance of it."""
+
+
+def _peft_is_available() -> bool:
+    """``is_peft_available`` for the TRL modules below when peft is absent: lora_engine stands in for it."""
+    return True
+
+
+_TRAINER_NAMES_WITHOUT_PEFT = {
+    "is_peft_available": _peft_is_available,
+    "PeftConfig": PeftConfig,
+    "PeftModel": PeftModel,
+    "get_peft_model": lora_engine_get_peft_model,
+    "BaseTunerLayer": LoraLayer,
+    "PrefixTuningConfig": _NoLoraEngineConfig,
+}
+# What the TRL modules we test get when peft is not installed, in place of their skipped `from peft import ...` and
+# of `is_peft_available` (False: it would refuse peft_config=). DPO's LoraConfig only detects peft<0.20's
+# target_parameters limitation, which lora_engine does not have.
+_WITHOUT_PEFT = {
+    "trl.trainer.sft_trainer": _TRAINER_NAMES_WITHOUT_PEFT,
+    "trl.trainer.dpo_trainer": {**_TRAINER_NAMES_WITHOUT_PEFT, "LoraConfig": _NoLoraEngineConfig},
+    "trl.trainer.utils": {
+        "is_peft_available": _peft_is_available,
+        "LoraConfig": LoraConfig,
+        "PeftConfig": PeftConfig,
+        "PeftModel": PeftModel,
+    },
+}
+
+
+def _provide_peft_names(module: ModuleType, names: dict[str, object]) -> None:
+    """Bind ``names`` in ``module``, which TRL loaded without peft: each must be absent, or ``is_peft_available``
+    transformers' function."""
+    from transformers.utils import is_peft_available
+
+    for name, value in names.items():
+        present = vars(module).get(name)
+        if present is not None and present is not is_peft_available:
+            raise _unsupported(
+                module.__name__, f"{name} is defined without peft, which lora_engine did not expect"
+            )
+        if name == "is_peft_available" and present is None:
+            raise _unsupported(module.__name__, "is_peft_available is gone")
+        setattr(module, name, value)
 
 
 def _check_required_bindings(module: ModuleType) -> None:
     name = module.__name__
     required = _REQUIRED_BINDINGS.get(name, ())
-    if "peft" not in sys.modules:
-        required = tuple(binding for binding in required if binding not in _PEFT_NAMES)
     replaced = {id(entry[1]) for entry in (*_everywhere.values(), *_in_trl.values())}
+    if _imported_peft() is None:
+        required = tuple(binding for binding in required if binding not in _PEFT_NAMES)
     for binding in required:
         if binding not in vars(module):
             raise _unsupported(name, f"the name {binding} is gone")
