@@ -9,7 +9,8 @@ classes, in each module that holds them, when that module is imported (or at onc
   ``accelerate.utils.fsdp_utils`` and every ``trl`` trainer module): also true for our ``PeftModel``;
 - ``transformers.trainer_utils._is_peft_model`` (bound again in ``transformers.trainer`` and
   ``transformers.integrations.neftune``): also true for our ``PeftModel``. The Trainer then reads the wrapped
-  model's ``forward`` signature, loss kwargs and labels, and reloads the best adapter with ``load_adapter``;
+  model's ``forward`` signature (so a ``PeftModel`` without ``task_type``, whose ``forward`` takes
+  ``*args, **kwargs``, keeps its batch columns), loss kwargs and labels, as it does for peft's;
 - in ``trl`` modules, the names TRL imported from peft when peft is installed: ``PeftConfig`` and
   ``BaseTunerLayer`` (used only in ``isinstance``) accept ours too, and ``get_peft_model`` wraps with lora_engine
   when given our ``LoraConfig``, with peft otherwise.
