@@ -54,6 +54,10 @@ def test_accelerate_and_transformers_checks_answer_true_for_our_peft_model():
     assert _is_peft_model(model)
     assert not is_peft_model(model.get_base_model())
     assert is_peft_model(_plain(peft))  # peft's own models keep the libraries' own answer
+    mixed = lora_engine.get_peft_model(
+        _tied_llama(), lora_engine.LoraConfig(target_modules=TARGETS), mixed=True
+    )
+    assert _is_peft_model(mixed)  # transformers checks peft's PeftMixedModel too
 
 
 def test_unsupported_library_layout_fails_loudly_naming_the_missing_check():

@@ -8,7 +8,7 @@ classes, in each module that holds them, when that module is imported (or at onc
 - ``accelerate.utils.modeling.is_peft_model`` (bound again in ``accelerate.utils``,
   ``accelerate.utils.fsdp_utils`` and every ``trl`` trainer module): also true for our ``PeftModel``;
 - ``transformers.trainer_utils._is_peft_model`` (bound again in ``transformers.trainer`` and
-  ``transformers.integrations.neftune``): also true for our ``PeftModel``. The Trainer then reads the wrapped
+  ``transformers.integrations.neftune``): also true for our ``PeftModel`` and ``PeftMixedModel``. The Trainer then reads the wrapped
   model's ``forward`` signature (so a ``PeftModel`` without ``task_type``, whose ``forward`` takes
   ``*args, **kwargs``, keeps its batch columns), loss kwargs and labels, as it does for peft's;
 - in ``trl`` modules, the names TRL imported from peft when peft is installed: ``PeftConfig`` and
@@ -42,6 +42,7 @@ from accelerate.utils import extract_model_from_parallel
 from lora_engine.config import LoraConfig, PeftConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.mapping import get_peft_model as lora_engine_get_peft_model
+from lora_engine.mixed import PeftMixedModel
 from lora_engine.peft_model import PeftModel
 
 WATCHED_PACKAGES = ("accelerate", "transformers", "trl")
@@ -95,8 +96,9 @@ def _teach_accelerate_check(original):
 
 def _teach_transformers_check(original):
     def _is_peft_model(model) -> bool:
-        """transformers' ``_is_peft_model``, also true for a lora_engine ``PeftModel``."""
-        return isinstance(model, PeftModel) or original(model)
+        """transformers' ``_is_peft_model``, also true for a lora_engine ``PeftModel`` or ``PeftMixedModel`` (the
+        two classes transformers checks for)."""
+        return isinstance(model, (PeftModel, PeftMixedModel)) or original(model)
 
     return _is_peft_model
 
