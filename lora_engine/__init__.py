@@ -19,6 +19,7 @@ from lora_engine.backend import get_backend, set_backend
 from lora_engine.base_state_dict import get_base_model_state_dict, set_base_model_state_dict
 from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lora_engine.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
+from lora_engine.integrations import recognition
 from lora_engine.kbit import prepare_model_for_kbit_training
 from lora_engine.mapping import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
@@ -44,6 +45,9 @@ from lora_engine.serialization import get_peft_model_state_dict, set_peft_model_
 from lora_engine.status import get_layer_status, get_model_status
 from lora_engine.tuner import LoraModel
 from lora_engine.utils.other import cast_mixed_precision_params, shift_tokens_right
+
+# transformers' Trainer, accelerate and TRL recognise our PeftModel and LoraConfig as peft's (see that module).
+recognition.install()
 
 __version__ = "0.1.0"
 
