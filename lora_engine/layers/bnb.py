@@ -159,8 +159,10 @@ class _BnbLoraLinear(LoraLinear):
             stacklevel=3,
         )
         delta = self.get_delta_weight(adapter_name)
+        # In place into the freshly decoded weight: the same sums as out of place, without another fresh
+        # weight-sized buffer (on the CPU its first touch costs page faults comparable to the decode itself).
         weight = self.dense_weight()
-        self._requantize(weight - delta if subtract else weight + delta)
+        self._requantize(weight.sub_(delta) if subtract else weight.add_(delta))
 
     def _requantize(self, weight: torch.Tensor) -> None:
         """Quantize the fp32 ``weight [out, in]`` in the base layer's format and make it the base weight."""
