@@ -8,6 +8,7 @@ The one thing written is `config.target_modules`, by `find_targets`, as peft doe
 
 import re
 import warnings
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -100,7 +101,7 @@ def all_linear_targets(model: torch.nn.Module, task_type=None) -> set[str]:
     it holds: it is taken when that module is linear, and nothing inside it is taken. So the result is the same
     before and after modules are wrapped, and a second adapter can target the wrappers of the first.
     """
-    named_modules = list(model.named_modules())
+    named_modules = list(named_modules_outside_adapters(model))
     wrappers = [name for name, module in named_modules if _wrapped_module(module) is not None]
     head = _output_head(model, task_type)
     return {
@@ -143,7 +144,7 @@ def find_targets(model: torch.nn.Module, config, skip_within=()) -> list[str]:
     module, `exclude_modules` that exclude nothing, and rank/alpha pattern keys that match no target.
     """
     requested = config.target_modules
-    all_names = [name for name, _ in model.named_modules()]
+    all_names = [name for name, _ in named_modules_outside_adapters(model)]
     resolved = _resolve_targets(model, config)
     config.target_modules = _shortened(resolved, all_names)
     candidates = [name for name in all_names if name and not _is_inside(name, skip_within)]
@@ -245,6 +246,31 @@ def _is_in_modules_to_save(module_name: str, modules_to_save) -> bool:
     """peft's guard against adapters on modules to save: an entry (a regex) spans whole segments of the name, so
     the module to save itself and everything inside it are never targeted."""
     return any(re.match(rf"(^|.*\.){entry}($|\..*)", module_name) for entry in modules_to_save or ())
+
+
+def named_modules_outside_adapters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``model.named_modules()`` (pre-order, each module once) without what adapter wrappers hold per adapter.
+
+    A wrapper (a module holding ``base_layer`` or ``original_module``) is yielded and then only the module it
+    wraps is walked, not its per-adapter factors or copies: the walk costs the same however many adapters are
+    loaded, so adding, loading and saving an adapter stays flat in that number.
+    """
+    seen = set()
+    pending = [("", model)]
+    while pending:
+        name, module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        held = _wrapped_module(module)
+        if held is None:
+            children = list(module.named_children())
+        else:
+            children = [
+                ("base_layer" if getattr(module, "base_layer", None) is held else "original_module", held)
+            ]
+        pending.extend((f"{name}.{child}" if name else child, sub) for child, sub in reversed(children))
 
 
 def _is_inside(module_name: str, parents) -> bool:

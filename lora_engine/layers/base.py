@@ -99,6 +99,18 @@ class LoraLayer(nn.Module):
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [p for name in self.adapter_containers for p in self._container_entry(name, adapter_name)]
 
+    def adapter_modules(self, adapter_name: str) -> list[nn.Module]:
+        """The modules holding ``adapter_name``'s factors (none where they are bare parameters)."""
+        found = []
+        for container_name in self.adapter_containers:
+            container = getattr(self, container_name)
+            if adapter_name in container and isinstance(container[adapter_name], nn.Module):
+                found.append(container[adapter_name])
+        return found
+
+    def wrapped_module(self) -> nn.Module:
+        return self.base_layer
+
     def _container_entry(self, container_name: str, adapter_name: str) -> list[nn.Parameter]:
         container = getattr(self, container_name)
         if adapter_name not in container:
@@ -248,7 +260,9 @@ class LoraLayer(nn.Module):
         rank = max(lora_A.shape[0] for lora_A, _ in factors)
         if any(lora_A.shape[0] != rank for lora_A, _ in factors):
             pad = torch.nn.functional.pad
-            factors = [(pad(A, (0, 0, 0, rank - A.shape[0])), pad(B, (0, rank - B.shape[1]))) for A, B in factors]
+            factors = [
+                (pad(A, (0, 0, 0, rank - A.shape[0])), pad(B, (0, rank - B.shape[1]))) for A, B in factors
+            ]
         lora_A = torch.stack([factor_A for factor_A, _ in factors])
         lora_B = torch.stack([factor_B for _, factor_B in factors])
         scaling = torch.tensor([self.scaling[name] for name in held], dtype=torch.float32, device=device)
