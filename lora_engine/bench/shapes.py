@@ -41,6 +41,8 @@ class Shapes:
     mixed_seq: int
     mixed_adapters: tuple[int, ...]
     loaded_adapters: tuple[int, ...]
+    #: ``load_adapter`` is timed with these loaded: the last is 99 in the CPU sweeps, issue 17's "100th load".
+    load_adapters: tuple[int, ...]
 
 
 _SMOKE = Shapes(
@@ -64,6 +66,7 @@ _SMOKE = Shapes(
     mixed_seq=8,
     mixed_adapters=(1, 2),
     loaded_adapters=(1, 2),
+    load_adapters=(1, 2),
 )
 
 _CPU_QUICK = Shapes(
@@ -87,6 +90,7 @@ _CPU_QUICK = Shapes(
     mixed_seq=32,
     mixed_adapters=(1, 4, 8, 16),
     loaded_adapters=(1, 4, 16, 64),
+    load_adapters=(1, 4, 16, 64, 99),
 )
 
 _CPU_FULL = replace(
@@ -102,6 +106,7 @@ _CPU_FULL = replace(
     train_seq=(64, 128, 256, 512),
     mixed_adapters=(1, 2, 4, 8, 16),
     loaded_adapters=(1, 4, 16, 64, 128),
+    load_adapters=(1, 4, 16, 64, 99, 128),
 )
 
 _CUDA_FULL = Shapes(
@@ -125,6 +130,7 @@ _CUDA_FULL = Shapes(
     mixed_seq=128,
     mixed_adapters=(1, 2, 4, 8, 16),
     loaded_adapters=(1, 8, 32, 128),
+    load_adapters=(1, 8, 32, 99, 128),
 )
 
 _CUDA_QUICK = replace(
@@ -139,6 +145,7 @@ _CUDA_QUICK = replace(
     train_seq=(2048, 8192),
     mixed_adapters=(1, 8, 16),
     loaded_adapters=(1, 16, 64),
+    load_adapters=(1, 16, 64, 99),
 )
 
 SHAPES = {
