@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_engine.module_tree import named_modules_outside_adapters
 from lora_engine.peft_format import BIN_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 from lora_engine.state_tensors import state_tensor, state_tensors
-from lora_engine.targeting import named_modules_outside_adapters
 
 
 def check_adapter_name(adapter_name: str) -> None:

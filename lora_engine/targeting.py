@@ -8,11 +8,12 @@ The one thing written is `config.target_modules`, by `find_targets`, as peft doe
 
 import re
 import warnings
-from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+
+from lora_engine.module_tree import named_modules_outside_adapters, wrapped_module
 
 # peft rewrites a target list this long into the shortest name suffixes that select the same modules, and that
 # shorter form is what it saves in adapter_config.json.
@@ -102,12 +103,12 @@ def all_linear_targets(model: torch.nn.Module, task_type=None) -> set[str]:
     before and after modules are wrapped, and a second adapter can target the wrappers of the first.
     """
     named_modules = list(named_modules_outside_adapters(model))
-    wrappers = [name for name, module in named_modules if _wrapped_module(module) is not None]
+    wrappers = [name for name, module in named_modules if wrapped_module(module) is not None]
     head = _output_head(model, task_type)
     return {
         name
         for name, module in named_modules
-        if (isinstance(module, _LINEAR_KINDS) or isinstance(_wrapped_module(module), _LINEAR_KINDS))
+        if (isinstance(module, _LINEAR_KINDS) or isinstance(wrapped_module(module), _LINEAR_KINDS))
         and module is not head
         and not _is_inside(name, wrappers)
     }
@@ -248,42 +249,8 @@ def _is_in_modules_to_save(module_name: str, modules_to_save) -> bool:
     return any(re.match(rf"(^|.*\.){entry}($|\..*)", module_name) for entry in modules_to_save or ())
 
 
-def named_modules_outside_adapters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-    """``model.named_modules()`` (pre-order, each module once) without what adapter wrappers hold per adapter.
-
-    A wrapper (a module holding ``base_layer`` or ``original_module``) is yielded and then only the module it
-    wraps is walked, not its per-adapter factors or copies: the walk costs the same however many adapters are
-    loaded, so adding, loading and saving an adapter stays flat in that number.
-    """
-    seen = set()
-    pending = [("", model)]
-    while pending:
-        name, module = pending.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        held = _wrapped_module(module)
-        if held is None:
-            children = list(module.named_children())
-        else:
-            children = [
-                ("base_layer" if getattr(module, "base_layer", None) is held else "original_module", held)
-            ]
-        pending.extend((f"{name}.{child}" if name else child, sub) for child, sub in reversed(children))
-
-
 def _is_inside(module_name: str, parents) -> bool:
     return any(module_name.startswith(parent + ".") for parent in parents)
-
-
-def _wrapped_module(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The module a wrapper holds, by peft's attribute names; None for a module that wraps nothing."""
-    for attribute in ("base_layer", "original_module"):
-        held = getattr(module, attribute, None)
-        if isinstance(held, torch.nn.Module):
-            return held
-    return None
 
 
 def _output_head(model: torch.nn.Module, task_type) -> torch.nn.Module | None:

@@ -21,14 +21,9 @@ from lora_engine.layers.dense import LoraLinear
 from lora_engine.layers.embedding import LoraEmbedding
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
-from lora_engine.module_tree import replace_submodule
+from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
-from lora_engine.targeting import (
-    find_targets,
-    is_module_to_save,
-    named_modules_outside_adapters,
-    rank_and_alpha,
-)
+from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
 from lora_engine.weighted import add_weighted_adapter
 
 AdapterWrapper = LoraLayer | ModulesToSaveWrapper
