@@ -77,4 +77,10 @@ class LoraLinear(LoraLayer):
         if stacked is None:
             return result
         self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
-        return (result + grouped_lora(x, *stacked)).to(result.dtype)
+        delta = grouped_lora(x, *stacked)
+        if torch.is_grad_enabled():
+            return (result + delta).to(result.dtype)
+        # Without autograd (inference, generate), added into the base output, which this call owns: one
+        # [B, ..., out] tensor fewer at the layer's peak. add_ sums in the promoted dtype and rounds once into
+        # result's dtype, as the out-of-place sum and cast above do.
+        return result.add_(delta)
