@@ -118,13 +118,31 @@ def load_adapter_folder(
         )
     lora_model = peft_model.base_model
     if not is_trainable:
-        for _, wrapper in lora_model.named_adapter_wrappers():
-            for param in wrapper.parameters():
-                param.requires_grad_(False)
-        peft_model.eval()
+        _freeze_for_inference(peft_model, adapter_name)
     elif adapter_name in lora_model.active_adapters:
         lora_model.set_adapter(lora_model.active_adapter)
     return result
+
+
+def _freeze_for_inference(peft_model: nn.Module, adapter_name: str) -> None:
+    """After an inference-mode load, as peft: no adapter parameter trainable, the model in eval mode.
+
+    Only adapters that can be trainable are touched (the active ones, and ``adapter_name`` if its weights were
+    reloaded while active), and the whole tree is switched to eval only if its root is in training mode;
+    otherwise only ``adapter_name``'s new modules are. So a load stays flat in the number of adapters loaded.
+    """
+    lora_model = peft_model.base_model
+    names = {*lora_model.active_adapters, adapter_name}
+    for _, wrapper in lora_model.named_adapter_wrappers():
+        wrapper.wrapped_module().requires_grad_(False)
+        for name in names:
+            for param in wrapper.adapter_parameters(name):
+                param.requires_grad_(False)
+        if not peft_model.training:
+            for module in wrapper.adapter_modules(adapter_name):
+                module.eval()
+    if peft_model.training:
+        peft_model.eval()
 
 
 def _apply_key_mapping(

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_engine.module_tree import named_modules_outside_adapters
 from lora_engine.peft_format import BIN_NAME, SAFETENSORS_NAME, SAVED_PREFIX
-from lora_engine.state_tensors import state_tensors
+from lora_engine.state_tensors import state_tensor, state_tensors
 
 
 def check_adapter_name(adapter_name: str) -> None:
@@ -116,7 +117,7 @@ def adapter_key_map(model: torch.nn.Module, adapter_name: str) -> dict[str, str]
     method (the wrappers in ``layers/``) contributes its own map.
     """
     key_map = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in named_modules_outside_adapters(model):
         if not hasattr(type(module), "adapter_state_keys"):
             continue
         prefix = f"{module_name}." if module_name else ""
@@ -193,16 +194,21 @@ def set_peft_model_state_dict(
             f"Adapter {adapter_name!r} is not injected in the model; add it before loading weights"
         )
     key_map = adapter_key_map(model, adapter_name)
-    model_state = state_tensors(model)  # not model.state_dict(): see state_tensors (4-bit CPU bases)
-    uses_prefix = any(key.startswith(SAVED_PREFIX) for key in model_state)
+    # The checkpoint's keys are looked up one by one (not in state_tensors(model)) and loaded module by
+    # module (not by model.load_state_dict): both whole-model walks would grow with every adapter loaded.
+    wrapped = model._modules.get("base_model")
+    uses_prefix = (
+        wrapped is not None and "model" in wrapped._modules
+    )  # a PeftModel: keys "base_model.model..."
     to_load, unexpected = {}, []
     for key, value in peft_model_state_dict.items():
         key = _with_prefix(key, uses_prefix)
         target = key_map.get(key, key)
-        if target not in model_state or (target == key and not _is_plain_saved_key(key)):
+        current = state_tensor(model, target)
+        if current is None or (target == key and not _is_plain_saved_key(key)):
             unexpected.append(key)
             continue
-        expected_shape = model_state[target].shape
+        expected_shape = current.shape
         if value.shape != expected_shape:
             message = (
                 f"Shape mismatch for {key!r}: the checkpoint has {tuple(value.shape)}, the model expects "
@@ -213,9 +219,20 @@ def set_peft_model_state_dict(
             warnings.warn(message + "; skipped because ignore_mismatched_sizes=True", stacklevel=2)
             continue
         to_load[target] = value
-    model.load_state_dict(to_load, strict=False, assign=low_cpu_mem_usage)
+    _load_module_by_module(model, to_load, assign=low_cpu_mem_usage)
     missing = [in_memory for in_memory in key_map.values() if in_memory not in to_load]
     return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+
+def _load_module_by_module(model: torch.nn.Module, tensors: dict[str, torch.Tensor], assign: bool) -> None:
+    """``model.load_state_dict(tensors, strict=False, assign=assign)`` for keys that all exist, run on each
+    owning module only (its own load hooks included), so the cost is that of ``tensors``, not of ``model``."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module_name, _, leaf = key.rpartition(".")
+        by_module.setdefault(module_name, {})[leaf] = value
+    for module_name, own in by_module.items():
+        model.get_submodule(module_name).load_state_dict(own, strict=False, assign=assign)
 
 
 def _with_prefix(key: str, uses_prefix: bool) -> str:

@@ -38,3 +38,19 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if buffer is not None and name not in module._non_persistent_buffers_set:
                 tensors[prefix + name] = buffer
     return tensors
+
+
+def state_tensor(model: nn.Module, key: str) -> torch.Tensor | None:
+    """``state_tensors(model).get(key)``, found by walking only ``key``'s path (a cost independent of the size
+    of ``model``); None when no parameter or persistent buffer is there."""
+    module = model
+    *path, leaf = key.split(".")
+    for part in path:
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    if module._parameters.get(leaf) is not None:
+        return module._parameters[leaf]
+    if module._buffers.get(leaf) is not None and leaf not in module._non_persistent_buffers_set:
+        return module._buffers[leaf]
+    return None

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from lora_engine.errors import NoMatchingPeftModuleError
+from lora_engine.module_tree import named_modules_outside_adapters, wrapped_module
 
 # peft rewrites a target list this long into the shortest name suffixes that select the same modules, and that
 # shorter form is what it saves in adapter_config.json.
@@ -102,13 +103,13 @@ def all_linear_targets(model: torch.nn.Module, task_type=None) -> set[str]:
     it holds: it is taken when that module is linear, and nothing inside it is taken. So the result is the same
     before and after modules are wrapped, and a second adapter can target the wrappers of the first.
     """
-    named_modules = list(model.named_modules())
-    wrappers = [name for name, module in named_modules if _wrapped_module(module) is not None]
+    named_modules = list(named_modules_outside_adapters(model))
+    wrappers = [name for name, module in named_modules if wrapped_module(module) is not None]
     head = _output_head(model, task_type)
     return {
         name
         for name, module in named_modules
-        if (isinstance(module, _LINEAR_KINDS) or isinstance(_wrapped_module(module), _LINEAR_KINDS))
+        if (isinstance(module, _LINEAR_KINDS) or isinstance(wrapped_module(module), _LINEAR_KINDS))
         and module is not head
         and not _is_inside(name, wrappers)
     }
@@ -145,7 +146,7 @@ def find_targets(model: torch.nn.Module, config, skip_within=()) -> list[str]:
     module, `exclude_modules` that exclude nothing, and rank/alpha pattern keys that match no target.
     """
     requested = config.target_modules
-    all_names = [name for name, _ in model.named_modules()]
+    all_names = [name for name, _ in named_modules_outside_adapters(model)]
     resolved = _resolve_targets(model, config)
     config.target_modules = _shortened(resolved, all_names)
     candidates = [name for name in all_names if name and not _is_inside(name, skip_within)]
@@ -251,15 +252,6 @@ def _is_in_modules_to_save(module_name: str, modules_to_save) -> bool:
 
 def _is_inside(module_name: str, parents) -> bool:
     return any(module_name.startswith(parent + ".") for parent in parents)
-
-
-def _wrapped_module(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The module a wrapper holds, by peft's attribute names; None for a module that wraps nothing."""
-    for attribute in ("base_layer", "original_module"):
-        held = getattr(module, attribute, None)
-        if isinstance(held, torch.nn.Module):
-            return held
-    return None
 
 
 def _output_head(model: torch.nn.Module, task_type) -> torch.nn.Module | None:

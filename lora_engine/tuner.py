@@ -24,7 +24,7 @@ from lora_engine.layers.embedding import LoraEmbedding
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
-from lora_engine.module_tree import replace_submodule
+from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
 from lora_engine.weighted import add_weighted_adapter
@@ -202,7 +202,7 @@ class LoraModel(nn.Module):
     def _add_modules_to_save(self, adapter_name: str, config: LoraConfig, created: list) -> None:
         if not config.modules_to_save:
             return
-        for module_name, module in list(self.model.named_modules()):
+        for module_name, module in list(named_modules_outside_adapters(self.model)):
             if not module_name or not is_module_to_save(module_name, config.modules_to_save):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
@@ -231,8 +231,11 @@ class LoraModel(nn.Module):
         """After an injection, as peft does: every base parameter is frozen except the biases the active
         adapters' ``bias`` setting trains; then the active adapters are made trainable (unless their config
         says ``inference_mode``) and all others frozen."""
-        for param in self.model.parameters():
-            param.requires_grad_(False)
+        # Adapters other than the active ones are frozen already (``set_adapter`` keeps it so), so only the
+        # parameters outside the adapters are walked: the cost stays flat in the number of adapters loaded.
+        for _, module in named_modules_outside_adapters(self.model):
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
         active = self.active_adapters
         for name in active:
             bias = self.peft_config[name].bias

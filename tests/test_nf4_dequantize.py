@@ -11,6 +11,7 @@ import torch
 from bitsandbytes import functional as bnb_F
 
 from lora_engine.ops.nf4_dequantize import nf4_dequantize
+from lora_engine.reference import nf4_dequantize as reference
 
 QUANT_TYPES = ["nf4", "fp4"]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -209,3 +210,29 @@ def test_matches_bnb_on_cuda_tensors(quant_type, double_quant, dtype):
         ours = nf4_dequantize(packed, state)
         assert ours.device == packed.device
         assert_equal_up_to_zero_sign(ours, bnb_F.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_cpu_fast_path_has_the_same_bits_as_the_pytorch_oracle(quant_type, double_quant, blocksize, dtype):
+    # NF4 rows of whole blocks take bnb's compiled CPU decode, asked for fp32 and cast by torch, so bf16
+    # subnormals (the tiny row) are kept; all-zero rows check the sign of zero. FP4 runs the oracle itself.
+    weight = _weight((8, 4096), torch.float32)
+    weight[::3] = 0.0
+    weight[1] *= 1e-38
+    packed, state = bnb_F.quantize_4bit(
+        weight.to(dtype), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+    )
+    assert_same_bits(nf4_dequantize(packed, state), reference.nf4_dequantize_torch(packed, state))
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_cpu_fast_path_decodes_three_dimensional_shapes_like_the_oracle(quant_type):
+    packed, state = bnb_F.quantize_4bit(
+        _weight((3, 5, 128), torch.bfloat16), blocksize=64, quant_type=quant_type
+    )
+    ours = nf4_dequantize(packed, state)
+    assert ours.shape == (3, 5, 128)
+    assert_same_bits(ours, reference.nf4_dequantize_torch(packed, state))

@@ -10,7 +10,7 @@ import torch
 
 from lora_engine.bench import memory
 from lora_engine.bench.case import Case, Runner, build_runner
-from lora_engine.bench.timing import Stats, TimingPlan, time_interleaved
+from lora_engine.bench.timing import Stats, TimingPlan, paired_ratio_spread, time_interleaved
 
 #: Largest relative difference between ours and peft's outputs still counted as the same computation.
 PARITY_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 5e-3}
@@ -36,11 +36,27 @@ class CaseResult:
             if impl not in self.time or other not in self.time:
                 return None
             return self.time[impl].median / self.time[other].median
-        values = {"saved": self.saved_bytes, "peak": self.peak_bytes}[figure] or {}
+        values = self._byte_figures(figure)
         mine, theirs = values.get(impl), values.get(other)
         if mine is None or not theirs:
             return None
         return mine / theirs
+
+    def ratio_spread(
+        self, figure: str, impl: str = "ours", other: str = "peft"
+    ) -> tuple[float, float] | None:
+        """``(p20, p80)`` of ``ratio(figure, impl, other)``. Times: the round-by-round ratios' quantiles;
+        bytes are exact, so both ends are the ratio itself."""
+        if figure != "time":
+            value = self.ratio(figure, impl, other)
+            return None if value is None else (value, value)
+        if impl not in self.time or other not in self.time:
+            return None
+        _, p20, p80 = paired_ratio_spread(self.time[impl], self.time[other])
+        return p20, p80
+
+    def _byte_figures(self, figure: str) -> dict:
+        return {"saved": self.saved_bytes, "peak": self.peak_bytes}[figure] or {}
 
 
 def measure_case(case: Case, device: torch.device, plan: TimingPlan, peak: bool = True) -> CaseResult:

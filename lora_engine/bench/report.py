@@ -78,6 +78,7 @@ def table_rows(results: list[CaseResult], checks: list[Check], context: dict) ->
     for result in results:
         case = result.case
         ratio = result.ratio("time")
+        ratio_spread = result.ratio_spread("time")
         rows.append(
             (
                 case.name,
@@ -85,7 +86,7 @@ def table_rows(results: list[CaseResult], checks: list[Check], context: dict) ->
                 case.dtype,
                 _time_cell(result, "ours"),
                 _time_cell(result, "peft"),
-                f"{ratio:.2f}" if ratio is not None else "-",
+                f"{ratio:.2f} [{ratio_spread[0]:.2f}, {ratio_spread[1]:.2f}]" if ratio is not None else "-",
                 _memory_cell(result.saved_bytes, result.ratio("saved")),
                 _memory_cell(result.peak_bytes, result.ratio("peak")),
                 _notes(result, checks, context),
@@ -95,7 +96,8 @@ def table_rows(results: list[CaseResult], checks: list[Check], context: dict) ->
 
 
 def render_table(results: list[CaseResult], checks: list[Check], context: dict) -> str:
-    """The table, one row per case; times are medians ± half the p20-p80 spread."""
+    """The table, one row per case; times are medians ± half the p20-p80 spread; a time ratio is that of the
+    medians, with the [p20, p80] of the round-by-round ratios."""
     rows = [HEADER, *table_rows(results, checks, context)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER) - 1)]
     lines = []
@@ -108,7 +110,8 @@ def render_table(results: list[CaseResult], checks: list[Check], context: dict) 
 
 
 def render_targets(checks: list[Check], device: str) -> str:
-    """Every target with its verdict: met where every case it applies to meets it."""
+    """Every target with its verdict: met where every case it applies to meets it at the unfavourable end of
+    its spread (``Check.decisive``); each figure is given as median [p20, p80]."""
     lines = ["targets:"]
     for target in TARGETS:
         own = [check for check in checks if check.target is target]
@@ -118,7 +121,8 @@ def render_targets(checks: list[Check], device: str) -> str:
             verdict = "not measured (no case in this run)"
         else:
             failed = [check for check in own if check.met is False]
-            values = ", ".join(f"{check.value:.2f}" for check in own if check.value is not None)
-            verdict = f"{'NOT met' if failed else 'met'} ({values})"
+            values = ", ".join(check.describe_value() for check in own if check.value is not None)
+            end = "p20" if target.at_least else "p80"
+            verdict = f"{'NOT met' if failed else 'met'} at the {end} ({values})"
         lines.append(f"  [{target.device}] {target.text}: {verdict}")
     return "\n".join(lines)

@@ -105,6 +105,7 @@ def result_record(result: CaseResult, checks: list[Check]) -> dict:
         "params": {key: _plain(value) for key, value in case.params.items()},
         "time_s": {impl: stats.as_dict() for impl, stats in result.time.items()},
         "time_ratio_ours_over_peft": result.ratio("time"),
+        "time_ratio_ours_over_peft_p20_p80": result.ratio_spread("time"),
         "saved_bytes": result.saved_bytes,
         "saved_bytes_scope": "LoRA layers" if result.saved_bytes_forward else "forward",
         "saved_bytes_whole_forward": result.saved_bytes_forward,
@@ -113,7 +114,12 @@ def result_record(result: CaseResult, checks: list[Check]) -> dict:
         "bytes_moved": result.bytes_moved,
         "parity": result.parity,
         "targets": [
-            {"target": check.target.key, "value": check.value, "met": check.met}
+            {
+                "target": check.target.key,
+                "value": check.value,
+                "value_p20_p80": check.value_spread,
+                "met": check.met,
+            }
             for check in checks
             if check.result is result
         ],
@@ -144,6 +150,8 @@ def run_record(
                 "text": check.target.text,
                 "case": check.result.case.key,
                 "value": check.value,
+                "value_p20_p80": check.value_spread,
+                "decided_on": check.decisive,
                 "limit": check.target.limit,
                 "at_least": check.target.at_least,
                 "met": check.met,

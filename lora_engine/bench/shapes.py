@@ -43,6 +43,8 @@ class Shapes:
     loaded_adapters: tuple[int, ...]
     dora_layer: tuple[int, int]  # DoRA forward + backward: a shape where peft's [out, in] temporary matters
     dora_tokens: tuple[int, ...]
+    #: ``load_adapter`` is timed with these loaded: the last is 99 in the CPU sweeps, issue 17's "100th load".
+    load_adapters: tuple[int, ...]
 
 
 _SMOKE = Shapes(
@@ -68,6 +70,7 @@ _SMOKE = Shapes(
     loaded_adapters=(1, 2),
     dora_layer=(64, 64),
     dora_tokens=(8,),
+    load_adapters=(1, 2),
 )
 
 _CPU_QUICK = Shapes(
@@ -93,6 +96,7 @@ _CPU_QUICK = Shapes(
     loaded_adapters=(1, 4, 16, 64),
     dora_layer=(4096, 4096),
     dora_tokens=(512,),
+    load_adapters=(1, 4, 16, 64, 99),
 )
 
 _CPU_FULL = replace(
@@ -108,6 +112,7 @@ _CPU_FULL = replace(
     train_seq=(64, 128, 256, 512),
     mixed_adapters=(1, 2, 4, 8, 16),
     loaded_adapters=(1, 4, 16, 64, 128),
+    load_adapters=(1, 4, 16, 64, 99, 128),
 )
 
 _CUDA_FULL = Shapes(
@@ -133,6 +138,7 @@ _CUDA_FULL = Shapes(
     loaded_adapters=(1, 8, 32, 128),
     dora_layer=(4096, 4096),
     dora_tokens=(512, 4096),
+    load_adapters=(1, 8, 32, 99, 128),
 )
 
 _CUDA_QUICK = replace(
@@ -147,6 +153,7 @@ _CUDA_QUICK = replace(
     train_seq=(2048, 8192),
     mixed_adapters=(1, 8, 16),
     loaded_adapters=(1, 16, 64),
+    load_adapters=(1, 16, 64, 99),
 )
 
 SHAPES = {

@@ -302,9 +302,9 @@ def _adapters(shapes: Shapes) -> list[Case]:
             dtype=_dtype_name(replace(shapes, adapter_autocast=True)),
             sweep=("adapters loaded", adapters),
         )
-        for label, build in (
-            ("switch (set_adapter)", model_workloads.adapter_switch),
-            ("load (load_adapter)", model_workloads.adapter_load),
+        for label, build, counts in (
+            ("switch (set_adapter)", model_workloads.adapter_switch, shapes.loaded_adapters),
+            ("load (load_adapter)", model_workloads.adapter_load, shapes.load_adapters),
         )
-        for adapters in shapes.loaded_adapters
+        for adapters in counts
     ]

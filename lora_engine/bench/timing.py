@@ -45,20 +45,20 @@ PLANS = {
 
 @dataclass(frozen=True)
 class Stats:
-    """Seconds per call over ``samples`` samples of ``inner`` calls each."""
+    """Seconds per call over ``samples`` samples of ``inner`` calls each. ``seconds`` keeps the samples in
+    round order, so that two implementations timed together can be compared round by round."""
 
     median: float
     p20: float
     p80: float
     samples: int
     inner: int
+    seconds: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, seconds: list[float], inner: int) -> Stats:
-        if len(seconds) == 1:
-            return cls(seconds[0], seconds[0], seconds[0], 1, inner)
-        deciles = statistics.quantiles(seconds, n=10, method="inclusive")
-        return cls(statistics.median(seconds), deciles[1], deciles[7], len(seconds), inner)
+        median, p20, p80 = spread(seconds)
+        return cls(median, p20, p80, len(seconds), inner, tuple(seconds))
 
     def as_dict(self) -> dict:
         return {
@@ -68,6 +68,20 @@ class Stats:
             "samples": self.samples,
             "inner": self.inner,
         }
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` of ``values`` (all three the value itself when there is one)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), deciles[1], deciles[7]
+
+
+def paired_ratio_spread(mine: Stats, other: Stats) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` of ``mine / other`` taken round by round: both were sampled in the same rounds
+    of ``time_interleaved``, so a slow spell of the machine divides out of each round's ratio."""
+    return spread([a / b for a, b in zip(mine.seconds, other.seconds, strict=True)])
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -19,11 +19,6 @@ from lora_engine.ops.lora_merge import lora_delta, lora_merge
 from lora_engine.state_tensors import state_tensors
 
 
-def _versions(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
-    """What identifies the current values of the factors: the tensors and their in-place update counters."""
-    return tuple((id(tensor), tensor._version) for pair in factors for tensor in pair)
-
-
 class LoraLayer(nn.Module):
     """Base of the LoRA wrappers: ``forward`` is the subclass's, the adapter bookkeeping is here."""
 
@@ -46,7 +41,6 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.routing: AdapterRouting | None = None  # set by LoraModel for the length of a mixed-batch forward
-        self._stacks_cache: dict[tuple[str, ...], tuple] = {}
 
     # ----------------------------------------------------------------- registry
     @property
@@ -109,6 +103,18 @@ class LoraLayer(nn.Module):
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [p for name in self.adapter_containers for p in self._container_entry(name, adapter_name)]
+
+    def adapter_modules(self, adapter_name: str) -> list[nn.Module]:
+        """The modules holding ``adapter_name``'s factors (none where they are bare parameters)."""
+        found = []
+        for container_name in self.adapter_containers:
+            container = getattr(self, container_name)
+            if adapter_name in container and isinstance(container[adapter_name], nn.Module):
+                found.append(container[adapter_name])
+        return found
+
+    def wrapped_module(self) -> nn.Module:
+        return self.base_layer
 
     def _container_entry(self, container_name: str, adapter_name: str) -> list[nn.Parameter]:
         container = getattr(self, container_name)
@@ -284,31 +290,26 @@ class LoraLayer(nn.Module):
         """The routed adapters this layer holds, stacked for ``grouped_lora``, or None if it holds none.
 
         Returns ``(row_adapter [B], lora_A [n, r_max, in], lora_B [n, out, r_max], scaling [n])``; factors of
-        smaller ranks are zero-padded, which leaves ``B A`` unchanged. Without autograd (inference, generate)
-        the stacks are cached until the set of adapters or any of their factors changes.
+        smaller ranks are zero-padded, which leaves ``B A`` unchanged. Built afresh for each forward and
+        dropped after it, never cached: a cache would keep a second copy of every routed adapter alive (and
+        stale after a delete), while stacking the few adapters of a batch costs one small copy per forward.
         """
         held = [name for name in routing.names if name in self.r]
         if not held:
             return None
         factors = [self.lora_factors(name) for name in held]
-        stacks = self._stacks_cache.get(tuple(held)) if not torch.is_grad_enabled() else None
-        if stacks is None or stacks[0] != _versions(factors):
-            stacks = (_versions(factors), *self._stack(held, factors, device))
-            if not torch.is_grad_enabled():
-                self._stacks_cache = {tuple(held): stacks}
-        return routing.rows_for(held, device), *stacks[1:]
-
-    def _stack(self, held: list[str], factors: list, device: torch.device):
         rank = max(lora_A.shape[0] for lora_A, _ in factors)
-        lora_A = factors[0][0].new_zeros(len(held), rank, self.in_features)
-        lora_B = factors[0][1].new_zeros(len(held), self.out_features, rank)
-        for index, (factor_A, factor_B) in enumerate(factors):
-            lora_A[index, : factor_A.shape[0]] = factor_A
-            lora_B[index, :, : factor_B.shape[1]] = factor_B
+        if any(lora_A.shape[0] != rank for lora_A, _ in factors):
+            pad = torch.nn.functional.pad
+            factors = [
+                (pad(A, (0, 0, 0, rank - A.shape[0])), pad(B, (0, rank - B.shape[1]))) for A, B in factors
+            ]
+        lora_A = torch.stack([factor_A for factor_A, _ in factors])
+        lora_B = torch.stack([factor_B for _, factor_B in factors])
         scaling = torch.tensor(
             [float(self.scaling[name]) for name in held], dtype=torch.float32, device=device
         )
-        return lora_A, lora_B, scaling
+        return routing.rows_for(held, device), lora_A, lora_B, scaling
 
     def _unmerge_if_disabled(self) -> None:
         """With adapters disabled the forward must see the original base weight: unmerge any merged adapters

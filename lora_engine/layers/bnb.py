@@ -168,8 +168,10 @@ class _BnbLoraLinear(LoraLinear):
 
     def _merge_delta(self, delta: torch.Tensor, subtract: bool) -> None:
         """The recipe: dequantize, add (or subtract) the fp32 ``delta`` in fp32, quantize again."""
+        # In place into the freshly decoded weight: the same sums as out of place, without another fresh
+        # weight-sized buffer (on the CPU its first touch costs page faults comparable to the decode itself).
         weight = self.dense_weight()
-        self._requantize(weight - delta if subtract else weight + delta)
+        self._requantize(weight.sub_(delta) if subtract else weight.add_(delta))
 
     def _requantize(self, weight: torch.Tensor) -> None:
         """Quantize the fp32 ``weight [out, in]`` in the base layer's format and make it the base weight."""

@@ -67,6 +67,20 @@ class ModulesToSaveWrapper(nn.Module):
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return (
+            list(self.modules_to_save[adapter_name].parameters())
+            if adapter_name in self.modules_to_save
+            else []
+        )
+
+    def adapter_modules(self, adapter_name: str) -> list[nn.Module]:
+        """The copy ``adapter_name`` holds, if any."""
+        return [self.modules_to_save[adapter_name]] if adapter_name in self.modules_to_save else []
+
+    def wrapped_module(self) -> nn.Module:
+        return self.original_module
+
     def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
         """Saved key suffix → in-memory key suffix: peft saves the copy under the original module's keys."""
         if adapter_name not in self.modules_to_save:

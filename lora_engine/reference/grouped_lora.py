@@ -18,11 +18,14 @@ def grouped_lora(
     batch, in_features = x.shape[0], x.shape[-1]
     tokens_per_row = math.prod(x.shape[1:-1])
     rows = x.to(lora_A.dtype).reshape(batch, tokens_per_row, in_features)  # [B, T, in]
-    # Fold the scaling into B and append an all-zero adapter: index -1 picks it, so base-only rows need no mask
-    # and no pass over the [B, T, out] result.
-    scaled_B = lora_B * scaling.to(lora_B.dtype)[:, None, None]
-    lora_A = torch.cat([lora_A, lora_A.new_zeros(1, *lora_A.shape[1:])])
-    scaled_B = torch.cat([scaled_B, scaled_B.new_zeros(1, *scaled_B.shape[1:])])
-    hidden = torch.bmm(rows, lora_A[row_adapter].transpose(1, 2))  # [B, T, r]
-    delta = torch.bmm(hidden, scaled_B[row_adapter].transpose(1, 2))  # [B, T, out]
+    # Rows outside the stack (-1) borrow adapter 0's factors and have their rank-sized hidden [B, T, r] zeroed
+    # (``where``, so even an overflowed product becomes an exact 0). The scaling is applied there too, the
+    # smallest tensor on the way: no scaled copy of B, no zero adapter appended to the stacks, and no extra
+    # pass over the [B, T, out] result.
+    routed = row_adapter >= 0
+    index = row_adapter.clamp(min=0)
+    hidden = torch.bmm(rows, lora_A[index].transpose(1, 2))  # [B, T, r]
+    row_scaling = scaling.to(lora_A.dtype)[index][:, None, None]
+    hidden = torch.where(routed[:, None, None], hidden * row_scaling, 0.0)
+    delta = torch.bmm(hidden, lora_B[index].transpose(1, 2))  # [B, T, out]
     return delta.reshape(*x.shape[:-1], lora_B.shape[1])

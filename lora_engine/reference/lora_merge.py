@@ -9,7 +9,7 @@ def lora_delta(
     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool
 ) -> torch.Tensor:
     """``s · B A`` in fp32, shaped like the base weight: ``[out, in]``, or ``[in, out]`` if ``fan_in_fan_out``."""
-    delta = (lora_B.float() @ lora_A.float()) * scaling
+    delta = (lora_B.float() @ lora_A.float()).mul_(scaling)
     return delta.T if fan_in_fan_out else delta
 
 

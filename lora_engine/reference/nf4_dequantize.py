@@ -80,18 +80,46 @@ def block_absmax(quant_state) -> torch.Tensor:
     return absmax.float()
 
 
-def unpack_indices(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first ``numel`` 4-bit code indices in ``packed`` (any storage dtype), high nibble first, as int64."""
-    packed_bytes = packed.reshape(-1).view(torch.uint8)
-    nibbles = torch.stack((packed_bytes >> 4, packed_bytes & 0x0F), dim=-1)
-    return nibbles.view(-1)[:numel].long()
-
-
 def nf4_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
-    """``ops.nf4_dequantize`` in PyTorch; see its docstring for the contract."""
+    """``ops.nf4_dequantize`` in PyTorch; see its docstring for the contract.
+
+    For NF4 on the CPU, where every row holds whole blocks (``shape[-1] % blocksize == 0``), the per-element
+    products are taken by bitsandbytes' compiled CPU decode (about 10x faster than a PyTorch gather there), fed
+    with this module's absmax and asked for fp32; elsewhere by ``nf4_dequantize_torch``. The two are bit-exact.
+    FP4 stays on ``nf4_dequantize_torch``: bnb's scalar CPU loop (CPUs without AVX-512) gives its zero code
+    the other sign, which a zero or negative absmax (an all-zero block under double quant) carries through.
+    """
+    shape = tuple(quant_state.shape)
+    fast = packed.device.type == "cpu" and quant_state.quant_type == "nf4"
+    if not fast or shape[-1] % quant_state.blocksize != 0:
+        return nf4_dequantize_torch(packed, quant_state)
+    numel = prod(shape)
+    packed_bytes = packed.reshape(-1).view(torch.uint8)[: numel // 2]
+    # Only where rows hold whole blocks: bnb 0.50's AVX-512 kernel indexes absmax per row (``row * (cols //
+    # blocksize) + col // blocksize``), which is the element's flat block only then. fp32 out, cast here: its
+    # bf16 output flushes subnormals (VCVTNEPS2BF16), torch's cast rounds to nearest-even and keeps them.
+    values = torch.ops.bitsandbytes.dequantize_4bit.default(
+        packed_bytes, block_absmax(quant_state), quant_state.blocksize, "nf4", shape, torch.float32
+    )
+    return values.to(quant_state.dtype)
+
+
+def nf4_dequantize_torch(packed: torch.Tensor, quant_state) -> torch.Tensor:
+    """``ops.nf4_dequantize`` in plain PyTorch ops, on any device and any width: the oracle of the fast path."""
     shape = tuple(quant_state.shape)
     numel = prod(shape)
+    blocksize = quant_state.blocksize
     code = CODE_TABLES[quant_state.quant_type].to(packed.device)
-    values = code[unpack_indices(packed, numel)]
-    weight = _scaled_by_block(values, block_absmax(quant_state), quant_state.blocksize)
-    return weight.view(shape).to(quant_state.dtype)
+    # One gather per packed byte, not two per element: byte b decodes to (code[b >> 4], code[b & 15]), so a
+    # 256-row table of pairs turns the bytes straight into the flat weight (high nibble first). The values and
+    # the fp32 products are the same as a per-nibble lookup's, so the result stays bit-exact with bnb.
+    byte_pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)
+    packed_bytes = packed.reshape(-1).view(torch.uint8)[: (numel + 1) // 2]
+    values = byte_pairs.index_select(0, packed_bytes.int()).view(-1)[:numel]
+    absmax = block_absmax(quant_state)
+    # Scaled in place, whole blocks as one [blocks, blocksize] product, then the partial last block if any.
+    whole_blocks, tail = divmod(numel, blocksize)
+    values[: whole_blocks * blocksize].view(whole_blocks, blocksize).mul_(absmax[:whole_blocks].view(-1, 1))
+    if tail:
+        values[whole_blocks * blocksize :].mul_(absmax[whole_blocks])
+    return values.view(shape).to(quant_state.dtype)
