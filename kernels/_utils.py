@@ -54,6 +54,19 @@ def rank_block(rank: int) -> int:
     return 16 if INTERPRETED else min(64, max(16, triton.next_power_of_2(rank)))
 
 
+# Autotuning is keyed on the layer's shape and flags plus this coarse class of the row count, never the row count
+# itself: a 7B model's first step benchmarks each kernel once per (shape, dtypes, flags, row class), at most three
+# times per shape, and later batch sizes reuse the choice. The row count is also unspecialized (``do_not_specialize``)
+# so that it never multiplies the compiled variants: per kernel they are bounded by the pruned configs (≤ 10) ×
+# the dtype and flag combinations in use, whatever the token counts.
+ROW_CLASS_BOUNDS = (512, 4096)
+
+
+def row_class(n_rows: int) -> int:
+    """0 (≤ 512 rows: decode, small batches), 1 (≤ 4096) or 2 (more): the row count as the autotuners see it."""
+    return sum(n_rows > bound for bound in ROW_CLASS_BOUNDS)
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, load_keep, rank_block
+from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, load_keep, rank_block, row_class
 
 __all__ = ["fused_linear"]
 
@@ -69,10 +69,11 @@ def _prune_configs(configs, named_args, **constexprs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["N", "K", "R", "ROWS_BUCKET", "HAS_BASE", "HAS_BIAS", "HAS_DROPOUT"],
+    key=["N", "K", "R", "ROW_CLASS", "HAS_BASE", "HAS_BIAS", "HAS_DROPOUT", "ACCUMULATE"],
+    restore_value=["out_ptr"],  # benchmarking an accumulating launch must not add into `out` again and again
     prune_configs_by={"early_config_prune": _prune_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["M", "ROW_CLASS"])
 def _fused_linear_kernel(
     x_ptr,  # [M, K]
     weight_ptr,  # [K, N]
@@ -98,10 +99,11 @@ def _fused_linear_kernel(
     stride_out_n,
     stride_bits_m,
     scale,
-    ROWS_BUCKET,  # next_power_of_2(M): an autotune key that does not retune for every batch size
+    ROW_CLASS,  # _utils.row_class(M): the autotune key in place of M
     HAS_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     LOW_RANK_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -110,8 +112,8 @@ def _fused_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``out = x @ weight + bias + scale · keep ⊙ (xa @ lora_B)``, one ``[BLOCK_M, BLOCK_N]`` tile per program;
-    see the module docstring for what the operands hold forward and backward."""
+    """``out = x @ weight + bias + scale · keep ⊙ (xa @ lora_B)`` (``out +=`` when ``ACCUMULATE``), one
+    ``[BLOCK_M, BLOCK_N]`` tile per program; see the module docstring for what the operands hold."""
     # Grouped program order: GROUP_M row tiles sweep the column tiles together, so the weight tiles they share
     # are reused from L2 instead of reloaded from HBM.
     pid = tl.program_id(0)
@@ -170,6 +172,8 @@ def _fused_linear_kernel(
         acc += bias.to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + rows64[:, None] * stride_out_m + cols64[None, :] * stride_out_n
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     tl.store(out_ptrs, cast(acc, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -182,6 +186,7 @@ def fused_linear(
     scale: float,
     out_dtype: torch.dtype,
     keep_bits: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight + bias + scale · keep ⊙ (xa @ lora_B)`` → a new contiguous ``[M, N]`` tensor in ``out_dtype``.
 
@@ -190,9 +195,15 @@ def fused_linear(
     ``lora_B``'s). Any strides; all on the current CUDA device (or the CPU under the interpreter). ``keep`` is
     ``keep_bits``, a packed mask over the ``[M, N]`` output (``[M, ceil(N / 8)]`` uint8, ``_utils.pack_keep``'s
     layout, any row stride), when given, else all ones.
+
+    With ``out`` (``[M, N]``, any strides, its dtype taking the place of ``out_dtype``) the result is added into it
+    in place, in fp32 and rounded once, and ``out`` is returned: the ``cublas`` strategy's rank-r epilogue, after
+    torch computed the base GEMM into ``out``.
     """
     n_rows, (rank, n_cols) = xa.shape[0], lora_B.shape
-    out = torch.empty(n_rows, n_cols, dtype=out_dtype, device=xa.device)
+    accumulate = out is not None
+    if not accumulate:
+        out = torch.empty(n_rows, n_cols, dtype=out_dtype, device=xa.device)
     if n_rows == 0:
         return out
     has_base = x is not None
@@ -224,10 +235,11 @@ def fused_linear(
         *out.stride(),
         keep_bits.stride(0) if keep_bits is not None else 0,
         scale,
-        triton.next_power_of_2(n_rows),
+        row_class(n_rows),
         HAS_BASE=has_base,
         HAS_BIAS=bias is not None,
         HAS_DROPOUT=keep_bits is not None,
+        ACCUMULATE=accumulate,
         FP32_PRECISION=fp32_dot_precision(),
         # An fp32 rank-r term that lands in a 16-bit output needs no more than TF32's 11 significant bits; the
         # three-pass product would only cost registers (and spill, compiled for sm_90a).

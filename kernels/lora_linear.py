@@ -1,7 +1,11 @@
 """Fused LoRA linear in Triton: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` and its backward (W frozen).
 
 This module is the Triton backend's math for ``ops.lora_linear``: ``forward`` and ``backward``, each a short
-sequence of launches of the kernels in ``fused_linear`` (the GEMM) and ``low_rank`` (the rank-r passes). The
+sequence of launches of the kernels in ``fused_linear`` (the GEMM) and ``low_rank`` (the rank-r passes). Two
+strategies run the base GEMMs (``strategy``: chosen per shape by timing on CUDA, or forced): ``fused`` as described
+below, and ``cublas``: ``y = x Wᵀ + b`` by torch (cuBLAS), then ``fused_linear`` without a base adds ``s · xa Bᵀ``
+into y in one pass; backward ``dx = dy W`` by torch, then ``fused_linear`` adds ``mask ⊙ (dxa A)/(1-p)`` into dx in
+one pass. The rank-r passes (``project``, ``outer``) are the same for both. The
 contract checks, the autocast casts and the ``torch.autograd.Function`` (with the weight and bias gradients,
 computed by torch as for every backend) live in ``ops.lora_linear``.
 
@@ -53,7 +57,8 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import on_device
+from . import strategy
+from ._utils import on_device, row_class
 from .fused_linear import fused_linear
 from .low_rank import outer, project
 
@@ -69,6 +74,28 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
 
 
+def _strategy_key(n_rows, x, lora_A, lora_B):
+    """What ``strategy.choose`` caches its timing under: the same in forward and backward."""
+    return (
+        row_class(n_rows),
+        lora_A.shape[1],
+        lora_B.shape[0],
+        lora_A.shape[0],
+        x.dtype,
+        lora_A.dtype,
+        x.device,
+    )
+
+
+def _base_and_expand(strategy_name, x_rows, base_weight, bias, xa, lora_B, scaling):
+    """``x Wᵀ + b + s · xa Bᵀ`` → ``[M, out]`` in x's dtype: one fused GEMM, or torch's GEMM (cuBLAS on CUDA)
+    followed by our rank-r epilogue adding into its output."""
+    if strategy_name == "fused":
+        return fused_linear(x_rows, base_weight.T, bias, xa, lora_B.T, scaling, x_rows.dtype)
+    base = torch.addmm(bias, x_rows, base_weight.T) if bias is not None else x_rows @ base_weight.T
+    return fused_linear(None, None, None, xa, lora_B.T, scaling, base.dtype, out=base)
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
     """``(y [..., out], xa [M, r], keep_bits)``: the output in x's dtype (the adapters' when ``weight`` is None),
     the product ``drop(x) Aᵀ`` in the adapters' dtype and, when ``dropout_p > 0``, the keep-mask drawn from
@@ -82,18 +109,19 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fa
         x_rows = _as_rows(x)
         # [M, r], in the adapters' dtype: the one intermediate backward needs besides x.
         xa, keep_bits = project(x_rows, lora_A.T, _keep_scale(dropout_p), seed, dropout_p)
-        base_weight = None
-        if weight is not None:
+        if weight is None:
+            out = fused_linear(None, None, None, xa, lora_B.T, scaling, lora_A.dtype)
+        else:
             base_weight = weight.T if fan_in_fan_out else weight  # [out, in], a view
-        out = fused_linear(
-            x_rows if weight is not None else None,
-            base_weight.T if weight is not None else None,
-            bias,
-            xa,
-            lora_B.T,
-            scaling,
-            x.dtype if weight is not None else lora_A.dtype,
-        )
+            candidates = {
+                name: (
+                    lambda name=name: _base_and_expand(name, x_rows, base_weight, bias, xa, lora_B, scaling)
+                )
+                for name in ("fused", "cublas")
+            }
+            key = _strategy_key(x_rows.shape[0], x, lora_A, lora_B)
+            chosen = strategy.choose(key, x_rows.shape[0], x.device, candidates)
+            out = _base_and_expand(chosen, x_rows, base_weight, bias, xa, lora_B, scaling)
     return out.reshape(*x.shape[:-1], out.shape[-1]), xa, keep_bits
 
 
@@ -114,17 +142,26 @@ def backward(grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropou
         if need_A:
             grad_A = outer(x_rows, dxa, keep_scale, transposed=True, keep_bits=keep_bits)
         if need_x:
-            base_weight = None
+            chosen = "fused"
             if weight is not None:
                 base_weight = weight.T if fan_in_fan_out else weight  # [out, in]
-            grad_x = fused_linear(
-                grad_rows if weight is not None else None,
-                base_weight,
-                None,
-                dxa,
-                lora_A,
-                keep_scale,
-                x.dtype,
-                keep_bits,
-            ).reshape(x.shape)
+                key = _strategy_key(x_rows.shape[0], x, lora_A, lora_B)
+                chosen = strategy.choose(key, x_rows.shape[0], x.device, None)
+            if chosen == "cublas":  # dx = dy W by torch, then mask ⊙ (dxa A)/(1-p) added in one pass
+                grad_x = grad_rows.to(base_weight.dtype) @ base_weight
+                grad_x = fused_linear(
+                    None, None, None, dxa, lora_A, keep_scale, x.dtype, keep_bits, out=grad_x
+                )
+            else:
+                grad_x = fused_linear(
+                    grad_rows if weight is not None else None,
+                    base_weight if weight is not None else None,
+                    None,
+                    dxa,
+                    lora_A,
+                    keep_scale,
+                    x.dtype,
+                    keep_bits,
+                )
+            grad_x = grad_x.reshape(x.shape)
     return grad_x, grad_A, grad_B

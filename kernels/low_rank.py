@@ -28,6 +28,7 @@ from ._utils import (
     load_keep,
     pack_keep,
     rank_block,
+    row_class,
     row_splits,
 )
 
@@ -53,8 +54,8 @@ def _project_configs() -> list[triton.Config]:
     )
 
 
-@triton.autotune(configs=_project_configs(), key=["K", "R", "ROWS_BUCKET", "HAS_DROPOUT"])
-@triton.jit
+@triton.autotune(configs=_project_configs(), key=["K", "R", "ROW_CLASS", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["M", "ROW_CLASS"])
 def _project_kernel(
     x_ptr,  # [M, K]
     lora_A_ptr,  # [K, R]
@@ -73,7 +74,7 @@ def _project_kernel(
     stride_bits_m,
     scale,
     threshold,
-    ROWS_BUCKET,
+    ROW_CLASS,
     HAS_DROPOUT: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -135,8 +136,8 @@ def _outer_configs() -> list[triton.Config]:
     )
 
 
-@triton.autotune(configs=_outer_configs(), key=["K", "R", "ROWS_BUCKET", "HAS_DROPOUT"])
-@triton.jit
+@triton.autotune(configs=_outer_configs(), key=["K", "R", "ROW_CLASS", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["M", "rows_per_split", "ROW_CLASS"])
 def _outer_kernel(
     x_ptr,  # [M, K]
     dxa_ptr,  # [M, R]
@@ -155,7 +156,7 @@ def _outer_kernel(
     stride_partial_r,
     stride_bits_m,
     scale,
-    ROWS_BUCKET,
+    ROW_CLASS,
     HAS_DROPOUT: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -247,7 +248,7 @@ def project(
         bits.stride(0) if has_dropout else 0,
         scale,
         drop_threshold(dropout_p),
-        triton.next_power_of_2(n_rows),
+        row_class(n_rows),
         HAS_DROPOUT=has_dropout,
         FP32_PRECISION=fp32_dot_precision(),
         BLOCK_R=block_r,
@@ -300,7 +301,7 @@ def outer(
         stride_r,
         keep_bits.stride(0) if keep_bits is not None else 0,
         scale,
-        triton.next_power_of_2(n_rows),
+        row_class(n_rows),
         HAS_DROPOUT=keep_bits is not None,
         FP32_PRECISION=fp32_dot_precision(),
         BLOCK_R=block_r,

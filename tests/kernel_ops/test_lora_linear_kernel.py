@@ -127,6 +127,46 @@ def test_any_leading_dims_and_strides_match_the_reference(kernels, layout, dtype
     _assert_matches_reference(*_both(kernels, operands, 0.9), operands)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+def test_each_strategy_matches_the_reference(kernels, monkeypatch, strategy, dtype, dropout_p):
+    """Forced by LORA_ENGINE_LORA_GEMM; non-contiguous 3-D x with leading dims that cannot be flattened, bias."""
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)
+    x, *rest = _operands(dtype, leading=(ROWS - ROWS % 3,))
+    operands = (_layout("3d-transposed", x), *rest)
+    _assert_matches_reference(*_both(kernels, operands, 0.6, dropout_p, seed=31), operands)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+def test_each_strategy_reads_strided_operands_and_conv1d_weights(kernels, monkeypatch, strategy):
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)
+    x, weight, _, lora_A, lora_B = _operands(torch.bfloat16, fan_in_fan_out=True)
+    strided_bias = torch.randn(2 * OUT_FEATURES, generator=torch.Generator().manual_seed(8))[::2].bfloat16()
+    operands = (_layout("strided-features", x), weight, strided_bias.requires_grad_(), lora_A, lora_B)
+    _assert_matches_reference(*_both(kernels, operands, 0.6, 0.1, seed=32, fan_in_fan_out=True), operands)
+
+
+def test_auto_takes_cublas_for_few_rows_and_fused_off_cuda(kernels, monkeypatch):
+    from lora_engine.kernels import strategy
+
+    monkeypatch.delenv("LORA_ENGINE_LORA_GEMM", raising=False)
+    cpu = torch.device("cpu")
+    assert strategy.choose("key", strategy.SMALL_ROWS, cpu, None) == "cublas"
+    assert strategy.choose("key", strategy.SMALL_ROWS + 1, cpu, None) == "fused"
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", "cuBLAS ")
+    assert strategy.choose("key", 4096, cpu, None) == "cublas"
+
+
+def test_an_unknown_strategy_is_refused_naming_it(kernels, monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", "fastest")
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32)
+    with pytest.raises(
+        ValueError, match=r"LORA_ENGINE_LORA_GEMM='fastest' is not a strategy; choose one of auto"
+    ):
+        triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, None, False)
+
+
 def test_under_autocast_everything_runs_in_the_autocast_dtype_as_in_the_reference(kernels):
     operands = _operands(torch.float32)  # fp32 base and adapters; autocast runs both paths in bf16
 
@@ -170,8 +210,10 @@ def test_the_saved_mask_is_the_references_bit_for_bit(kernels, in_features):
     )
 
 
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
-def test_backward_gives_identical_results_twice(kernels, dtype):
+def test_backward_gives_identical_results_twice(kernels, monkeypatch, dtype, strategy):
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)
     operands = _operands(dtype)
     out = triton_lora_linear(*operands, 0.6, 0.1, _seed(9), False)
     needing = [tensor for tensor in operands if tensor is not None and tensor.requires_grad]
