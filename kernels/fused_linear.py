@@ -48,14 +48,16 @@ SHARED_MEMORY_BUDGET = 200 * 1024  # of an H100's 227 KiB per block, leaving roo
 
 
 def _prune_configs(configs, named_args, **constexprs):
-    """Drop the tiles that spill registers or overflow shared memory for this call, as measured by compiling the
-    kernel for sm_90a: a tile's fp32 accumulator may hold at most 64 values per thread with three-pass TF32 dots,
-    128 otherwise. Reading the saved dropout mask (one byte load and a shift per value) fits in either."""
+    """Drop the tiles that spill registers or overflow shared memory for this call, as measured by compiling every
+    config for sm_90a (``tests/kernel_ops/sm90_compile.py``): a tile's fp32 accumulator may hold at most 64 values
+    per thread with three-pass TF32 dots, when it reads the saved dropout mask (a byte load and a shift per value)
+    or when it adds into an existing output (the ``cublas`` epilogue), 128 otherwise. (Drawing Philox per value,
+    before the mask was saved, allowed 32.)"""
     x, xa = named_args["x_ptr"], named_args["xa_ptr"]
     three_pass = (
         constexprs["HAS_BASE"] and x.dtype == torch.float32 and constexprs["FP32_PRECISION"] == "tf32x3"
     ) or (xa.dtype == torch.float32 and constexprs["LOW_RANK_PRECISION"] == "tf32x3")
-    per_thread = 64 if three_pass else 128
+    per_thread = 64 if three_pass or constexprs["HAS_DROPOUT"] or constexprs["ACCUMULATE"] else 128
     element_size = x.element_size() if constexprs["HAS_BASE"] else 0
 
     def fits(config):

@@ -40,14 +40,13 @@ def _project_configs() -> list[triton.Config]:
         return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_stages=stages, num_warps=warps)
 
     # Memory-bound: small row tiles give enough programs to fill the GPU at moderate M. Every tile holds at
-    # most 32 row-operand values per thread, which is what the mask hash and three-pass TF32 dots fit in
-    # without spilling (compiled for sm_90a).
+    # most 32 row-operand values per thread and at most 64 columns when it hashes and packs the mask: the
+    # 128-column tiles spilled compiled for sm_90a (16×128 and 32×128 with 4 warps, 64×128 with 8).
     return autotune_configs(
         [
-            config(16, 128, 4, 4),
-            config(32, 128, 4, 4),
+            config(16, 64, 4, 4),
+            config(32, 64, 4, 4),
             config(64, 64, 4, 4),
-            config(64, 128, 3, 8),
             config(128, 64, 3, 8),
         ],
         interpreter_config=config(16, 16, 1, 1),
@@ -123,14 +122,13 @@ def _outer_configs() -> list[triton.Config]:
     def config(block_k, block_m, stages, warps):
         return triton.Config({"BLOCK_K": block_k, "BLOCK_M": block_m}, num_stages=stages, num_warps=warps)
 
-    # At most 32 row-operand values per thread, as for the projection.
+    # At most 32 row-operand values per thread, as for the projection, and row steps of 64: the 128-row steps
+    # spilled compiled for sm_90a (32×128 with 4 warps, 64×128 with 8, 128×128 with 16).
     return autotune_configs(
         [
+            config(32, 64, 4, 4),
             config(64, 64, 4, 4),
-            config(32, 128, 4, 4),
-            config(64, 128, 3, 8),
             config(128, 64, 3, 8),
-            config(128, 128, 3, 16),
         ],
         interpreter_config=config(16, 16, 1, 1),
     )
