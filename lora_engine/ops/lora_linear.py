@@ -179,6 +179,12 @@ def _no_tensor(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0, dtype=torch.uint8)
 
 
+def _scaling_for(backend_name: str, scaling: torch.Tensor) -> float | torch.Tensor:
+    """The custom ops' 0-d ``scaling`` as the backend's math takes it: the reference multiplies by the tensor (the
+    same fp32 products as by the float), a kernel gets its value (read on the host, outside any graph)."""
+    return scaling if backend_name == "reference" else float(scaling)
+
+
 @torch.library.custom_op("lora_engine::lora_linear_forward", mutates_args=())
 def _forward_op(
     backend_name: str,
@@ -187,7 +193,7 @@ def _forward_op(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling: torch.Tensor,
     dropout_p: float,
     seed: torch.Tensor | None,
     fan_in_fan_out: bool,
@@ -196,7 +202,15 @@ def _forward_op(
     the dtypes they are computed in (``_compiled_lora_linear`` applies autocast first)."""
     with torch.autocast(x.device.type, enabled=False):
         out, xa, keep_bits = _math(backend_name).forward(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            _scaling_for(backend_name, scaling),
+            dropout_p,
+            seed,
+            fan_in_fan_out,
         )
     return out, xa, keep_bits if keep_bits is not None else _no_tensor(x)
 
@@ -225,7 +239,7 @@ def _backward_op(
     lora_B: torch.Tensor,
     xa: torch.Tensor,
     keep_bits: torch.Tensor | None,
-    scaling: float,
+    scaling: torch.Tensor,
     dropout_p: float,
     fan_in_fan_out: bool,
     need_x: bool,
@@ -235,7 +249,8 @@ def _backward_op(
     """``(dx, dA, dB)`` of ``backend_name``'s ``backward``, an empty tensor for each one not asked for."""
     with torch.autocast(x.device.type, enabled=False):
         grads = _math(backend_name).backward(
-            grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, fan_in_fan_out,
+            grad_out, x, weight, lora_A, lora_B, xa, keep_bits, _scaling_for(backend_name, scaling), dropout_p,
+            fan_in_fan_out,
             (need_x, need_A, need_B),
         )  # fmt: skip
     return tuple(grad if grad is not None else _no_tensor(x) for grad in grads)
@@ -300,10 +315,16 @@ def _run(backend_name, math, x, weight, bias, lora_A, lora_B, scaling, dropout_p
     """The autograd'ed op: the custom op while torch.compile traces, ``LoraLinearFunction`` otherwise."""
     if torch.compiler.is_compiling():
         x, weight, bias, lora_A, lora_B = _autocast((x, weight, bias, lora_A, lora_B))
+        if not isinstance(
+            scaling, torch.Tensor
+        ):  # the custom op takes a tensor: a hot-swappable one stays one
+            scaling = torch.tensor(scaling, dtype=torch.float64)
         out, _, _ = _forward_op(
             backend_name, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out
         )
         return out
+    if backend_name == "triton":
+        scaling = float(scaling)  # a kernel argument
     return LoraLinearFunction.apply(
         math, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out
     )
@@ -341,7 +362,7 @@ def triton_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
         bias,
         lora_A,
         lora_B,
-        float(scaling),
+        scaling,
         float(dropout_p),
         seed,
         fan_in_fan_out,
