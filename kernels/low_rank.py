@@ -53,7 +53,18 @@ def _project_configs() -> list[triton.Config]:
     )
 
 
-@triton.autotune(configs=_project_configs(), key=["K", "R", "ROW_CLASS", "HAS_DROPOUT"])
+def _prune_project_configs(configs, named_args, **constexprs):
+    """Hashing and packing the mask in tiles of fewer than 64 rows spilled registers, compiled for sm_90a."""
+    if not constexprs["HAS_DROPOUT"]:
+        return configs
+    return [config for config in configs if config.kwargs["BLOCK_M"] >= 64] or configs[-1:]
+
+
+@triton.autotune(
+    configs=_project_configs(),
+    key=["K", "R", "ROW_CLASS", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_project_configs},
+)
 @triton.jit(do_not_specialize=["M", "ROW_CLASS"])
 def _project_kernel(
     x_ptr,  # [M, K]
