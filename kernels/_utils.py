@@ -54,6 +54,19 @@ def rank_block(rank: int) -> int:
     return 16 if INTERPRETED else min(64, max(16, triton.next_power_of_2(rank)))
 
 
+# Autotuning is keyed on the layer's shape and flags plus this coarse class of the row count, never the row count
+# itself: a 7B model's first step benchmarks each kernel once per (shape, dtypes, flags, row class), at most three
+# times per shape, and later batch sizes reuse the choice. The row count is also unspecialized (``do_not_specialize``)
+# so that it never multiplies the compiled variants: per kernel they are bounded by the pruned configs (≤ 10) ×
+# the dtype and flag combinations in use, whatever the token counts.
+ROW_CLASS_BOUNDS = (512, 4096)
+
+
+def row_class(n_rows: int) -> int:
+    """0 (≤ 512 rows: decode, small batches), 1 (≤ 4096) or 2 (more): the row count as the autotuners see it."""
+    return sum(n_rows > bound for bound in ROW_CLASS_BOUNDS)
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -72,13 +85,45 @@ def row_splits(n_rows: int, programs_per_split: int, device: torch.device) -> tu
     return splits, triton.cdiv(n_rows, splits)
 
 
+def drop_threshold(dropout_p: float) -> int:
+    """Inverted dropout drops an element when its 24-bit hash value is below this (``p · 2**24``, rounded): the
+    kernels and ``reference.lora_linear`` compare against the same integer, so they keep the same elements."""
+    return round(dropout_p * 2**24)
+
+
 @triton.jit
-def dropout_keep(seed, rows, cols, width, dropout_p):
+def dropout_keep(seed_ptr, rows, cols, width, threshold):
     """The keep-mask of inverted dropout for the elements ``(rows[:, None], cols[None, :])`` of a row-major
-    ``[*, width]`` tensor: Philox uniform(``seed``, flat index) ``>= dropout_p``. A function of the logical
-    index only, never of strides or tiling, so every kernel regenerates the same mask."""
-    offsets = rows.to(tl.int64)[:, None] * width + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+    ``[*, width]`` tensor, from the int64 seed at ``seed_ptr``: the hash ``reference.lora_linear.keep_mask``
+    computes with torch ops (``lowbias32`` of ``flat index + seed · 0x9E3779B9``, all mod 2**32; keep when its
+    top 24 bits are ``>= threshold``). A function of the logical index only, never of strides or tiling."""
+    seed = tl.load(seed_ptr).to(tl.int64)
+    key = ((seed * 0x9E3779B9) & 0xFFFFFFFF).to(tl.uint32)
+    flat = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    hashed = (flat & 0xFFFFFFFF).to(tl.uint32) + key
+    hashed ^= hashed >> 16
+    hashed *= tl.full((), 0x7FEB352D, tl.uint32)
+    hashed ^= hashed >> 15
+    hashed *= tl.full((), 0x846CA68B, tl.uint32)
+    hashed ^= hashed >> 16
+    return (hashed >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_M, BLOCK_K]`` booleans → ``[BLOCK_M, BLOCK_K // 8]`` uint8, element ``8j + b`` of a row in bit ``b``
+    (least significant first) of byte ``j``: the packed layout of the saved mask (``reference.lora_linear``)."""
+    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8)) << tl.arange(0, 8)[None, None, :]
+    return tl.sum(bits, axis=2).to(tl.uint8)
+
+
+@triton.jit
+def load_keep(bits_ptr, rows, cols, stride_bits_m, in_bounds):
+    """The saved keep-mask (``pack_keep``'s layout, ``[M, ceil(width / 8)]`` bytes with row stride
+    ``stride_bits_m``) of the elements ``(rows[:, None], cols[None, :])``; False outside ``in_bounds``."""
+    offsets = rows.to(tl.int64)[:, None] * stride_bits_m + (cols // 8)[None, :]
+    packed = tl.load(bits_ptr + offsets, mask=in_bounds, other=0).to(tl.int32)
+    return ((packed >> (cols % 8)[None, :]) & 1) != 0
 
 
 @triton.jit

@@ -3,7 +3,8 @@
 ``out = x @ weight + bias + scale · keep ⊙ (xa @ lora_B)``, one launch, no ``[M, N]`` delta ever stored. Names
 follow the forward, which launches it on ``x [M, K]``, ``weight = Wᵀ [K, N]``, ``xa = drop(x) Aᵀ [M, R]``,
 ``lora_B = Bᵀ [R, N]``, ``scale = s`` and no mask. The backward for x launches the same kernel on ``dy [M, out]``,
-``W [out, in]``, ``dxa [M, r]`` and ``A [r, in]`` with ``scale = 1/(1-p)`` and the mask, so there ``K = out`` and
+``W [out, in]``, ``dxa [M, r]`` and ``A [r, in]`` with ``scale = 1/(1-p)`` and the keep-mask the forward saved
+(bit-packed, read back, never redrawn), so there ``K = out`` and
 ``N = in``. M/N/K as in Triton's matmul tutorial: M rows (tokens), N output columns, K the reduced dimension.
 """
 
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs, cast, dot_acc, dropout_keep, fp32_dot_precision, rank_block
+from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, load_keep, rank_block, row_class
 
 __all__ = ["fused_linear"]
 
@@ -47,14 +48,16 @@ SHARED_MEMORY_BUDGET = 200 * 1024  # of an H100's 227 KiB per block, leaving roo
 
 
 def _prune_configs(configs, named_args, **constexprs):
-    """Drop the tiles that spill registers or overflow shared memory for this call, as measured by compiling the
-    kernel for sm_90a: a tile's fp32 accumulator may hold at most 32 values per thread when it also draws the
-    dropout mask (ten unrolled Philox rounds per value), 64 with three-pass TF32 dots, 128 otherwise."""
+    """Drop the tiles that spill registers or overflow shared memory for this call, as measured by compiling every
+    config for sm_90a (``tests/kernel_ops/sm90_compile.py``): a tile's fp32 accumulator may hold at most 64 values
+    per thread with three-pass TF32 dots, when it reads the saved dropout mask (a byte load and a shift per value)
+    or when it adds into an existing output (the ``cublas`` epilogue), 128 otherwise. (Drawing Philox per value,
+    before the mask was saved, allowed 32.)"""
     x, xa = named_args["x_ptr"], named_args["xa_ptr"]
     three_pass = (
         constexprs["HAS_BASE"] and x.dtype == torch.float32 and constexprs["FP32_PRECISION"] == "tf32x3"
     ) or (xa.dtype == torch.float32 and constexprs["LOW_RANK_PRECISION"] == "tf32x3")
-    per_thread = 32 if constexprs["HAS_DROPOUT"] else 64 if three_pass else 128
+    per_thread = 64 if three_pass or constexprs["HAS_DROPOUT"] or constexprs["ACCUMULATE"] else 128
     element_size = x.element_size() if constexprs["HAS_BASE"] else 0
 
     def fits(config):
@@ -68,10 +71,11 @@ def _prune_configs(configs, named_args, **constexprs):
 
 @triton.autotune(
     configs=_configs(),
-    key=["N", "K", "R", "ROWS_BUCKET", "HAS_BASE", "HAS_BIAS", "HAS_DROPOUT"],
+    key=["N", "K", "R", "ROW_CLASS", "HAS_BASE", "HAS_BIAS", "HAS_DROPOUT", "ACCUMULATE"],
+    restore_value=["out_ptr"],  # benchmarking an accumulating launch must not add into `out` again and again
     prune_configs_by={"early_config_prune": _prune_configs},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["M", "ROW_CLASS"])
 def _fused_linear_kernel(
     x_ptr,  # [M, K]
     weight_ptr,  # [K, N]
@@ -79,6 +83,7 @@ def _fused_linear_kernel(
     xa_ptr,  # [M, R]
     lora_B_ptr,  # [R, N]
     out_ptr,  # [M, N]
+    bits_ptr,  # [M, ceil(N / 8)] uint8: the saved keep-mask over the output
     M,
     N,
     K,
@@ -87,19 +92,20 @@ def _fused_linear_kernel(
     stride_x_k,
     stride_weight_k,
     stride_weight_n,
+    stride_bias,
     stride_xa_m,
     stride_xa_r,
     stride_lora_B_r,
     stride_lora_B_n,
     stride_out_m,
     stride_out_n,
+    stride_bits_m,
     scale,
-    seed,
-    dropout_p,
-    ROWS_BUCKET,  # next_power_of_2(M): an autotune key that does not retune for every batch size
+    ROW_CLASS,  # _utils.row_class(M): the autotune key in place of M
     HAS_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     LOW_RANK_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -108,8 +114,8 @@ def _fused_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``out = x @ weight + bias + scale · keep ⊙ (xa @ lora_B)``, one ``[BLOCK_M, BLOCK_N]`` tile per program;
-    see the module docstring for what the operands hold forward and backward."""
+    """``out = x @ weight + bias + scale · keep ⊙ (xa @ lora_B)`` (``out +=`` when ``ACCUMULATE``), one
+    ``[BLOCK_M, BLOCK_N]`` tile per program; see the module docstring for what the operands hold."""
     # Grouped program order: GROUP_M row tiles sweep the column tiles together, so the weight tiles they share
     # are reused from L2 instead of reloaded from HBM.
     pid = tl.program_id(0)
@@ -148,7 +154,9 @@ def _fused_linear_kernel(
         acc = dot_acc(cast(xa, lora_B.dtype), lora_B, acc, LOW_RANK_PRECISION)
     acc = acc * scale
     if HAS_DROPOUT:
-        acc = tl.where(dropout_keep(seed, rows, cols, N, dropout_p), acc, 0.0)
+        acc = tl.where(
+            load_keep(bits_ptr, rows, cols, stride_bits_m, row_ok[:, None] & col_ok[None, :]), acc, 0.0
+        )
 
     if HAS_BASE:
         ks = tl.arange(0, BLOCK_K)
@@ -162,10 +170,12 @@ def _fused_linear_kernel(
             x_ptrs += BLOCK_K * stride_x_k
             weight_ptrs += BLOCK_K * stride_weight_k
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+        bias = tl.load(bias_ptr + cols64 * stride_bias, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + rows64[:, None] * stride_out_m + cols64[None, :] * stride_out_n
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     tl.store(out_ptrs, cast(acc, out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -177,18 +187,25 @@ def fused_linear(
     lora_B: torch.Tensor,
     scale: float,
     out_dtype: torch.dtype,
-    seed: int = 0,
-    dropout_p: float = 0.0,
+    keep_bits: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight + bias + scale · keep ⊙ (xa @ lora_B)`` → a new contiguous ``[M, N]`` tensor in ``out_dtype``.
 
     ``x [M, K]`` and ``weight [K, N]``, both or neither (then only the rank-r term), one dtype (fp32, fp16 or
     bf16); ``bias [N]`` or None; ``xa [M, R]`` and ``lora_B [R, N]`` in the adapters' dtype (``xa`` is cast to
-    ``lora_B``'s). Any strides; all on the current CUDA device (or the CPU under the interpreter). ``keep`` is the
-    Philox keep-mask of ``seed`` over the ``[M, N]`` output when ``dropout_p > 0``, else all ones.
+    ``lora_B``'s). Any strides; all on the current CUDA device (or the CPU under the interpreter). ``keep`` is
+    ``keep_bits``, a packed mask over the ``[M, N]`` output (``[M, ceil(N / 8)]`` uint8, ``_utils.pack_keep``'s
+    layout, any row stride), when given, else all ones.
+
+    With ``out`` (``[M, N]``, any strides, its dtype taking the place of ``out_dtype``) the result is added into it
+    in place, in fp32 and rounded once, and ``out`` is returned: the ``cublas`` strategy's rank-r epilogue, after
+    torch computed the base GEMM into ``out``.
     """
     n_rows, (rank, n_cols) = xa.shape[0], lora_B.shape
-    out = torch.empty(n_rows, n_cols, dtype=out_dtype, device=xa.device)
+    accumulate = out is not None
+    if not accumulate:
+        out = torch.empty(n_rows, n_cols, dtype=out_dtype, device=xa.device)
     if n_rows == 0:
         return out
     has_base = x is not None
@@ -207,22 +224,24 @@ def fused_linear(
         xa,
         lora_B,
         out,
+        keep_bits if keep_bits is not None else out,
         n_rows,
         n_cols,
         k,
         rank,
         *x_strides,
         *weight_strides,
+        bias.stride(0) if bias is not None else 0,
         *xa.stride(),
         *lora_B.stride(),
         *out.stride(),
+        keep_bits.stride(0) if keep_bits is not None else 0,
         scale,
-        seed,
-        dropout_p,
-        triton.next_power_of_2(n_rows),
+        row_class(n_rows),
         HAS_BASE=has_base,
         HAS_BIAS=bias is not None,
-        HAS_DROPOUT=dropout_p > 0.0,
+        HAS_DROPOUT=keep_bits is not None,
+        ACCUMULATE=accumulate,
         FP32_PRECISION=fp32_dot_precision(),
         # An fp32 rank-r term that lands in a 16-bit output needs no more than TF32's 11 significant bits; the
         # three-pass product would only cost registers (and spill, compiled for sm_90a).

@@ -1,7 +1,11 @@
 """Fused LoRA linear in Triton: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` and its backward (W frozen).
 
 This module is the Triton backend's math for ``ops.lora_linear``: ``forward`` and ``backward``, each a short
-sequence of launches of the kernels in ``fused_linear`` (the GEMM) and ``low_rank`` (the rank-r passes). The
+sequence of launches of the kernels in ``fused_linear`` (the GEMM) and ``low_rank`` (the rank-r passes). Two
+strategies run the base GEMMs (``strategy``: chosen per shape by timing on CUDA, or forced): ``fused`` as described
+below, and ``cublas``: ``y = x Wᵀ + b`` by torch (cuBLAS), then ``fused_linear`` without a base adds ``s · xa Bᵀ``
+into y in one pass; backward ``dx = dy W`` by torch, then ``fused_linear`` adds ``mask ⊙ (dxa A)/(1-p)`` into dx in
+one pass. The rank-r passes (``project``, ``outer``) are the same for both. The
 contract checks, the autocast casts and the ``torch.autograd.Function`` (with the weight and bias gradients,
 computed by torch as for every backend) live in ``ops.lora_linear``.
 
@@ -15,22 +19,24 @@ and therefore memory-bound: what it costs is passes over ``M × in`` and ``M × 
 GEMM on an H100 at d = 4096, M = 8192; ``../shared/research/performance.md`` §6). So:
 
 - forward, two launches. ``low_rank.project`` computes the small product ``xa [M, r]`` in one pass over
-  x (dropout applied on the fly, never stored). ``fused_linear`` is the base GEMM that also owns the
+  x (dropout applied on the fly: the mask is hashed from the seed once, here, and written bit-packed, ``M·in/8``
+  bytes; the dropped x is never stored). ``fused_linear`` is the base GEMM that also owns the
   expand: each output tile first gets ``s · xa Bᵀ`` (a rank-r dot) in its fp32 accumulator, then the K loop adds
   ``x Wᵀ``, then the bias; the output is written once and no ``[M, out]`` delta exists. (The rank-r term goes in
   first, not in the epilogue, so that the tile needs one accumulator, not two: two spill registers on an H100.)
-  Computing ``xa`` inside the GEMM instead would redo it, Philox draws included, once per output-column tile
+  Computing ``xa`` inside the GEMM instead would redo it, mask included, once per output-column tile
   (``out / BLOCK_N`` times): more work than the one extra read of x it saves.
 - backward, four launches, each a single pass over its big operand: ``dxa``
   (``low_rank.project`` over dy); ``dB = s · dyᵀ xa`` and ``dA = dxaᵀ drop(x)`` (``low_rank.outer``: reductions
   over rows, split over row ranges into small fp32 partials that torch sums in a fixed order, so results are
-  deterministic); and ``dx = dy W + mask ⊙ (dxa A) / (1 - p)``, the same fused GEMM with the mask regenerated on
-  its output tile. Fusing ``dB`` or ``dA`` into the row-tiled kernels would save one pass over dy but needs
+  deterministic); and ``dx = dy W + mask ⊙ (dxa A) / (1 - p)``, the same fused GEMM reading the saved mask bits
+  for its output tile. No random numbers are drawn in backward. Fusing ``dB`` or ``dA`` into the row-tiled kernels would save one pass over dy but needs
   cross-program atomic adds (non-deterministic fp32 sums); not taken.
 
 Saved for backward: x as it came (no copy unless its leading dims cannot be flattened as a view, and then only
-transiently), the ``[M, r]`` product and the dropout seed; the Philox mask (``_utils.dropout_keep``: ``tl.rand(seed, flat
-index)``) is regenerated in backward (``tests/kernel_ops/philox_keep_mask.py`` materialises it for tests).
+transiently), the ``[M, r]`` product and, with dropout, the packed keep-mask (``[M, ceil(in/8)]`` uint8; bit ``b``
+of byte ``j`` of a row keeps element ``8j + b``). The mask is a hash of (seed, flat index)
+(``_utils.dropout_keep``), the same bits ``reference.lora_linear.keep_bits`` computes with torch ops.
 
 Dtypes: x and W fp32, fp16 or bf16 (the same); adapters fp32 (peft's default on half-precision bases) or the
 input's dtype. The base GEMM runs on x's dtype; the low-rank path on the adapters' dtype (x and dy are cast to
@@ -51,7 +57,8 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import on_device
+from . import strategy
+from ._utils import on_device, row_class
 from .fused_linear import fused_linear
 from .low_rank import outer, project
 
@@ -67,9 +74,33 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
 
 
+def _strategy_key(n_rows, x, lora_A, lora_B):
+    """What ``strategy.choose`` caches its timing under: the same in forward and backward."""
+    return (
+        row_class(n_rows),
+        lora_A.shape[1],
+        lora_B.shape[0],
+        lora_A.shape[0],
+        x.dtype,
+        lora_A.dtype,
+        x.device,
+    )
+
+
+def _base_and_expand(strategy_name, x_rows, base_weight, bias, xa, lora_B, scaling):
+    """``x Wᵀ + b + s · xa Bᵀ`` → ``[M, out]`` in x's dtype: one fused GEMM, or torch's GEMM (cuBLAS on CUDA)
+    followed by our rank-r epilogue adding into its output."""
+    if strategy_name == "fused":
+        return fused_linear(x_rows, base_weight.T, bias, xa, lora_B.T, scaling, x_rows.dtype)
+    base = torch.addmm(bias, x_rows, base_weight.T) if bias is not None else x_rows @ base_weight.T
+    return fused_linear(None, None, None, xa, lora_B.T, scaling, base.dtype, out=base)
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
-    """``(y [..., out], xa [M, r])``: the output in x's dtype (the adapters' when ``weight`` is None) and the
-    product ``drop(x) Aᵀ`` in the adapters' dtype, which ``backward`` takes back.
+    """``(y [..., out], xa [M, r], keep_bits)``: the output in x's dtype (the adapters' when ``weight`` is None),
+    the product ``drop(x) Aᵀ`` in the adapters' dtype and, when ``dropout_p > 0``, the keep-mask drawn from
+    ``seed`` (an int64 ``[1]`` tensor on x's device) as ``[M, ceil(in/8)]`` uint8, else None; ``backward`` takes
+    the last two back.
 
     Operands as ``ops.lora_linear`` checks them: x and W (and the bias) in one of fp32, fp16, bf16; A and B in
     one of them; all on one CUDA device (or the CPU under ``TRITON_INTERPRET=1``); any strides.
@@ -77,23 +108,24 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fa
     with on_device(x):
         x_rows = _as_rows(x)
         # [M, r], in the adapters' dtype: the one intermediate backward needs besides x.
-        xa = project(x_rows, lora_A.T, _keep_scale(dropout_p), seed, dropout_p)
-        base_weight = None
-        if weight is not None:
+        xa, keep_bits = project(x_rows, lora_A.T, _keep_scale(dropout_p), seed, dropout_p)
+        if weight is None:
+            out = fused_linear(None, None, None, xa, lora_B.T, scaling, lora_A.dtype)
+        else:
             base_weight = weight.T if fan_in_fan_out else weight  # [out, in], a view
-        out = fused_linear(
-            x_rows if weight is not None else None,
-            base_weight.T if weight is not None else None,
-            bias,
-            xa,
-            lora_B.T,
-            scaling,
-            x.dtype if weight is not None else lora_A.dtype,
-        )
-    return out.reshape(*x.shape[:-1], out.shape[-1]), xa
+            candidates = {
+                name: (
+                    lambda name=name: _base_and_expand(name, x_rows, base_weight, bias, xa, lora_B, scaling)
+                )
+                for name in ("fused", "cublas")
+            }
+            key = _strategy_key(x_rows.shape[0], x, lora_A, lora_B)
+            chosen = strategy.choose(key, x_rows.shape[0], x.device, candidates)
+            out = _base_and_expand(chosen, x_rows, base_weight, bias, xa, lora_B, scaling)
+    return out.reshape(*x.shape[:-1], out.shape[-1]), xa, keep_bits
 
 
-def backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, fan_in_fan_out, needs):
+def backward(grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, fan_in_fan_out, needs):
     """``(dx, dA, dB)`` for ``dy = grad_out [..., out]``, each None unless ``needs`` (three bools) asks for it.
 
     ``dx`` (x's dtype) includes the base term ``dy W``; ``dA``/``dB`` are in the adapters' dtype. The weight and
@@ -104,24 +136,32 @@ def backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, 
         x_rows, grad_rows = _as_rows(x), _as_rows(grad_out)
         keep_scale = _keep_scale(dropout_p)
         grad_x = grad_A = grad_B = None
-        dxa = project(grad_rows, lora_B, scaling) if need_x or need_A else None  # [M, r]
+        dxa = project(grad_rows, lora_B, scaling)[0] if need_x or need_A else None  # [M, r]
         if need_B:
             grad_B = outer(grad_rows, xa, scaling, transposed=False)
         if need_A:
-            grad_A = outer(x_rows, dxa, keep_scale, transposed=True, seed=seed, dropout_p=dropout_p)
+            grad_A = outer(x_rows, dxa, keep_scale, transposed=True, keep_bits=keep_bits)
         if need_x:
-            base_weight = None
+            chosen = "fused"
             if weight is not None:
                 base_weight = weight.T if fan_in_fan_out else weight  # [out, in]
-            grad_x = fused_linear(
-                grad_rows if weight is not None else None,
-                base_weight,
-                None,
-                dxa,
-                lora_A,
-                keep_scale,
-                x.dtype,
-                seed,
-                dropout_p,
-            ).reshape(x.shape)
+                key = _strategy_key(x_rows.shape[0], x, lora_A, lora_B)
+                chosen = strategy.choose(key, x_rows.shape[0], x.device, None)
+            if chosen == "cublas":  # dx = dy W by torch, then mask ⊙ (dxa A)/(1-p) added in one pass
+                grad_x = grad_rows.to(base_weight.dtype) @ base_weight
+                grad_x = fused_linear(
+                    None, None, None, dxa, lora_A, keep_scale, x.dtype, keep_bits, out=grad_x
+                )
+            else:
+                grad_x = fused_linear(
+                    grad_rows if weight is not None else None,
+                    base_weight if weight is not None else None,
+                    None,
+                    dxa,
+                    lora_A,
+                    keep_scale,
+                    x.dtype,
+                    keep_bits,
+                )
+            grad_x = grad_x.reshape(x.shape)
     return grad_x, grad_A, grad_B

@@ -1,10 +1,11 @@
 """The memory-bound rank-r passes of the LoRA linear: projecting rows onto the rank, and the adapter gradients.
 
 - ``project``: ``out [M, R] = scale · (keep ⊙ x) @ lora_A``, one pass over ``x [M, K]``. Named for the forward,
-  ``xa = drop(x) Aᵀ`` (``lora_A = Aᵀ [in, r]``, ``scale = 1/(1-p)``, the mask); the backward launches it on
+  ``xa = drop(x) Aᵀ`` (``lora_A = Aᵀ [in, r]``, ``scale = 1/(1-p)``), where it draws the dropout mask (the hash
+  of ``_utils.dropout_keep``) and writes it, bit-packed, for the backward; the backward launches it on
   ``dy [M, out]`` and ``B [out, r]`` with ``scale = s`` and no mask, for ``dxa = s · dy B``.
 - ``outer``: ``scale · (keep ⊙ x)ᵀ @ dxa``, a reduction over the M rows, ``[K, R]`` (or transposed). Named for
-  ``dAᵀ = drop(x)ᵀ dxa`` (``x [M, in]``, ``dxa [M, r]``, ``scale = 1/(1-p)``, the mask, written transposed as
+  ``dAᵀ = drop(x)ᵀ dxa`` (``x [M, in]``, ``dxa [M, r]``, ``scale = 1/(1-p)``, the saved mask read back, written transposed as
   ``dA [r, in]``); ``dB = s · dyᵀ xa`` launches it on ``dy [M, out]`` and ``xa [M, r]`` with ``scale = s``. Rows are split into ranges that
   each write an fp32 partial, summed by torch in a fixed order: deterministic, no atomics.
 
@@ -17,7 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs, cast, dot_acc, dropout_keep, fp32_dot_precision, rank_block, row_splits
+from ._utils import (
+    autotune_configs,
+    cast,
+    dot_acc,
+    drop_threshold,
+    dropout_keep,
+    fp32_dot_precision,
+    load_keep,
+    pack_keep,
+    rank_block,
+    row_class,
+    row_splits,
+)
 
 __all__ = ["outer", "project"]
 
@@ -27,26 +40,38 @@ def _project_configs() -> list[triton.Config]:
         return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_stages=stages, num_warps=warps)
 
     # Memory-bound: small row tiles give enough programs to fill the GPU at moderate M. Every tile holds at
-    # most 32 row-operand values per thread, which is what the Philox draws and three-pass TF32 dots fit in
-    # without spilling (compiled for sm_90a).
+    # most 32 row-operand values per thread and at most 64 columns when it hashes and packs the mask: the
+    # 128-column tiles spilled compiled for sm_90a (16×128 and 32×128 with 4 warps, 64×128 with 8).
     return autotune_configs(
         [
-            config(16, 128, 4, 4),
-            config(32, 128, 4, 4),
+            config(16, 64, 4, 4),
+            config(32, 64, 4, 4),
             config(64, 64, 4, 4),
-            config(64, 128, 3, 8),
             config(128, 64, 3, 8),
         ],
         interpreter_config=config(16, 16, 1, 1),
     )
 
 
-@triton.autotune(configs=_project_configs(), key=["K", "R", "ROWS_BUCKET", "HAS_DROPOUT"])
-@triton.jit(do_not_specialize=["seed"])
+def _prune_project_configs(configs, named_args, **constexprs):
+    """Hashing and packing the mask in tiles of fewer than 64 rows spilled registers, compiled for sm_90a."""
+    if not constexprs["HAS_DROPOUT"]:
+        return configs
+    return [config for config in configs if config.kwargs["BLOCK_M"] >= 64] or configs[-1:]
+
+
+@triton.autotune(
+    configs=_project_configs(),
+    key=["K", "R", "ROW_CLASS", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_project_configs},
+)
+@triton.jit(do_not_specialize=["M", "ROW_CLASS"])
 def _project_kernel(
     x_ptr,  # [M, K]
     lora_A_ptr,  # [K, R]
     out_ptr,  # [M, R]
+    seed_ptr,  # [1] int64
+    bits_ptr,  # [M, ceil(K / 8)] uint8: the keep-mask, written
     M,
     K,
     R,
@@ -56,10 +81,10 @@ def _project_kernel(
     stride_lora_A_r,
     stride_out_m,
     stride_out_r,
+    stride_bits_m,
     scale,
-    seed,
-    dropout_p,
-    ROWS_BUCKET,
+    threshold,
+    ROW_CLASS,
     HAS_DROPOUT: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -67,7 +92,8 @@ def _project_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """``out = scale · (keep ⊙ x) @ lora_A``: ``[M, K] → [M, R]``; ``x`` is cast to ``lora_A``'s dtype before the
-    dot. See the module docstring for what the operands hold forward and backward."""
+    dot. With dropout, the programs of the first rank tile also write the mask, packed (``_utils.pack_keep``).
+    See the module docstring for what the operands hold forward and backward."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -84,7 +110,15 @@ def _project_kernel(
         k_ok = ks < K - k_start
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, k_start + ks, K, dropout_p), x, 0.0)
+            keep = dropout_keep(seed_ptr, rows, k_start + ks, K, threshold) & k_ok[None, :]
+            x = tl.where(keep, x, 0.0)
+            if pid_r == 0:
+                byte_cols = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+                tl.store(
+                    bits_ptr + rows64[:, None] * stride_bits_m + byte_cols[None, :],
+                    pack_keep(keep, BLOCK_M, BLOCK_K),
+                    mask=row_ok[:, None] & (byte_cols < tl.cdiv(K, 8))[None, :],
+                )
         lora_A = tl.load(lora_A_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = dot_acc(cast(x, lora_A.dtype), lora_A, acc, FP32_PRECISION)
         x_ptrs += BLOCK_K * stride_x_k
@@ -99,25 +133,25 @@ def _outer_configs() -> list[triton.Config]:
     def config(block_k, block_m, stages, warps):
         return triton.Config({"BLOCK_K": block_k, "BLOCK_M": block_m}, num_stages=stages, num_warps=warps)
 
-    # At most 32 row-operand values per thread, as for the projection.
+    # At most 32 row-operand values per thread, as for the projection, and row steps of 64: the 128-row steps
+    # spilled compiled for sm_90a (32×128 with 4 warps, 64×128 with 8, 128×128 with 16).
     return autotune_configs(
         [
+            config(32, 64, 4, 4),
             config(64, 64, 4, 4),
-            config(32, 128, 4, 4),
-            config(64, 128, 3, 8),
             config(128, 64, 3, 8),
-            config(128, 128, 3, 16),
         ],
         interpreter_config=config(16, 16, 1, 1),
     )
 
 
-@triton.autotune(configs=_outer_configs(), key=["K", "R", "ROWS_BUCKET", "HAS_DROPOUT"])
-@triton.jit(do_not_specialize=["seed"])
+@triton.autotune(configs=_outer_configs(), key=["K", "R", "ROW_CLASS", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["M", "rows_per_split", "ROW_CLASS"])
 def _outer_kernel(
     x_ptr,  # [M, K]
     dxa_ptr,  # [M, R]
     partial_ptr,  # [splits, K, R] (any strides), fp32
+    bits_ptr,  # [M, ceil(K / 8)] uint8: the keep-mask project wrote
     M,
     K,
     R,
@@ -129,10 +163,9 @@ def _outer_kernel(
     stride_partial_split,
     stride_partial_k,
     stride_partial_r,
+    stride_bits_m,
     scale,
-    seed,
-    dropout_p,
-    ROWS_BUCKET,
+    ROW_CLASS,
     HAS_DROPOUT: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -164,7 +197,9 @@ def _outer_kernel(
             other=0.0,
         )
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, cols, K, dropout_p), x, 0.0)
+            x = tl.where(
+                load_keep(bits_ptr, rows, cols, stride_bits_m, row_ok[:, None] & col_ok[None, :]), x, 0.0
+            )
         dxa = tl.load(
             dxa_ptr + rows64[:, None] * stride_dxa_m + ranks[None, :] * stride_dxa_r,
             mask=row_ok[:, None] & rank_ok[None, :],
@@ -183,17 +218,25 @@ def _outer_kernel(
 
 
 def project(
-    x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: int = 0, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """``scale · (keep ⊙ x) @ lora_A`` → a new contiguous ``[M, R]`` tensor in ``lora_A``'s dtype.
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    scale: float,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale · (keep ⊙ x) @ lora_A, keep bits)``: a new contiguous ``[M, R]`` tensor in ``lora_A``'s dtype and,
+    with dropout, the keep-mask drawn from ``seed`` (an int64 ``[1]`` tensor on x's device) as ``[M, ceil(K / 8)]``
+    uint8 (``_utils.pack_keep``'s layout), else None.
 
     ``x [M, K]`` (fp32, fp16 or bf16), ``lora_A [K, R]`` (fp32, fp16 or bf16), any strides, one device; ``keep``
-    is the Philox keep-mask of ``seed`` over ``x`` when ``dropout_p > 0``, else all ones.
+    is all ones when ``dropout_p == 0``.
     """
     (n_rows, k), rank = x.shape, lora_A.shape[1]
     out = torch.empty(n_rows, rank, dtype=lora_A.dtype, device=x.device)
+    has_dropout = dropout_p > 0.0
+    bits = torch.empty(n_rows, triton.cdiv(k, 8), dtype=torch.uint8, device=x.device) if has_dropout else None
     if n_rows == 0:
-        return out
+        return out, bits
     block_r = rank_block(rank)
 
     def grid(meta):
@@ -203,21 +246,23 @@ def project(
         x,
         lora_A,
         out,
+        seed if has_dropout else out,  # unused pointers still need a tensor
+        bits if has_dropout else out,
         n_rows,
         k,
         rank,
         *x.stride(),
         *lora_A.stride(),
         *out.stride(),
+        bits.stride(0) if has_dropout else 0,
         scale,
-        seed,
-        dropout_p,
-        triton.next_power_of_2(n_rows),
-        HAS_DROPOUT=dropout_p > 0.0,
+        drop_threshold(dropout_p),
+        row_class(n_rows),
+        HAS_DROPOUT=has_dropout,
         FP32_PRECISION=fp32_dot_precision(),
         BLOCK_R=block_r,
     )
-    return out
+    return out, bits
 
 
 def outer(
@@ -226,14 +271,13 @@ def outer(
     scale: float,
     *,
     transposed: bool,
-    seed: int = 0,
-    dropout_p: float = 0.0,
+    keep_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scale · (keep ⊙ x)ᵀ @ dxa`` → a new contiguous ``[K, R]`` tensor (``[R, K]`` when ``transposed``) in
     ``dxa``'s dtype, summed in fp32.
 
     ``x [M, K]`` (fp32, fp16 or bf16), ``dxa [M, R]`` (fp32, fp16 or bf16), any strides, one device; ``keep`` is
-    the Philox keep-mask of ``seed`` over ``x`` when ``dropout_p > 0``, else all ones. ``M = 0`` gives zeros.
+    ``keep_bits`` (``project``'s packed mask over ``x``) when given, else all ones. ``M = 0`` gives zeros.
     """
     (n_rows, k), rank = x.shape, dxa.shape[1]
     out_shape = (rank, k) if transposed else (k, rank)
@@ -254,6 +298,7 @@ def outer(
         x,
         dxa,
         partial,
+        keep_bits if keep_bits is not None else partial,  # an unused pointer still needs a tensor
         n_rows,
         k,
         rank,
@@ -263,11 +308,10 @@ def outer(
         stride_split,
         stride_k,
         stride_r,
+        keep_bits.stride(0) if keep_bits is not None else 0,
         scale,
-        seed,
-        dropout_p,
-        triton.next_power_of_2(n_rows),
-        HAS_DROPOUT=dropout_p > 0.0,
+        row_class(n_rows),
+        HAS_DROPOUT=keep_bits is not None,
         FP32_PRECISION=fp32_dot_precision(),
         BLOCK_R=block_r,
     )

@@ -13,7 +13,6 @@ calls ``require_reference``, which refuses ``"triton"``.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -44,10 +43,9 @@ def set_backend(name: str | None) -> None:
     _override = None if name is None else _checked(name, "set_backend")
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    # Asked on every op call: the answer cannot change while the process runs.
-    return importlib.util.find_spec("triton") is not None
+# Asked on every op call, and the answer cannot change while the process runs: looked up once (finding the
+# package does not import it). A constant, not a cached function, so that torch.compile does not trace it.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _triton_interpreted() -> bool:
@@ -64,7 +62,7 @@ def uses_triton(op_name: str, device: torch.device) -> bool:
     backend = get_backend()
     if backend == "reference":
         return False
-    triton_installed = _triton_installed()
+    triton_installed = _TRITON_INSTALLED
     if backend == "auto":
         return triton_installed and device.type == "cuda"
     if not triton_installed:

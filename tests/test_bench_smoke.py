@@ -30,15 +30,19 @@ def _one_case_per_line() -> list:
 def _lora_saved_bytes(case) -> int:
     """What a LoRA forward must save for its backward, counted from the shapes: each adapted layer's input ``x``
     (for the gradient of ``A``; layers fed the same tensor share it) and ``x Aᵀ`` (for the gradient of ``B``);
-    for DoRA also what its rescaling needs.
-    Dropout adds nothing when its mask is regenerated in backward, as ours is."""
+    for DoRA also what its rescaling needs. Dropout adds each layer's own keep-mask, bit-packed: one bit per
+    element of its input (``ceil(in/8)`` bytes per row), never a dropped copy."""
     params = case.params
     itemsize = params["dtype"].itemsize
+    dropout = params.get("dropout", 0.0) > 0.0
     if case.family == "train_step":  # all-linear on Llama: q/k/v share one input, gate/up another
         spec, tokens = params["spec"], params["batch"] * params["seq"]
-        per_layer = 3 * spec.hidden + spec.intermediate + 7 * params["r"]
-        return spec.layers * tokens * per_layer * itemsize
-    saved = params["tokens"] * (params["in_features"] + params["r"]) * itemsize
+        per_layer = (3 * spec.hidden + spec.intermediate + 7 * params["r"]) * itemsize
+        if dropout:  # q, k, v, o, gate and up read hidden features, down the intermediate ones
+            per_layer += 6 * -(-spec.hidden // 8) + -(-spec.intermediate // 8)
+        return spec.layers * tokens * per_layer
+    mask = -(-params["in_features"] // 8) if dropout else 0
+    saved = params["tokens"] * ((params["in_features"] + params["r"]) * itemsize + mask)
     if params.get("use_dora"):
         # DoRA also keeps its unscaled output x Wᵀ + s·(x Aᵀ) Bᵀ (for the magnitude's gradient) and the fp32
         # [out] vectors m / norm and norm (the norm itself is detached; no [out, in] tensor is saved).

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lora_engine.ops.lora_linear import lora_linear, reference_lora_linear
 from lora_engine.ops.lora_merge import lora_merge
-from lora_engine.reference.lora_linear import dropout_keep_mask
+from lora_engine.reference.lora_linear import keep_mask, pack_keep, unpack_keep
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -90,9 +90,9 @@ def test_lora_linear_without_weight_returns_only_the_low_rank_term():
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_gradients_match_the_formula_fed_the_same_mask(p):
     x, weight, bias, lora_A, lora_B = _operands(torch.float32)
-    seed = 1234
+    seed = torch.tensor([1234])
     ours = reference_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, p, seed, False)
-    keep = dropout_keep_mask(x.shape, p, seed, x.device)
+    keep = keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape)
     plain = _plain(x, weight, bias, lora_A, lora_B, 0.5, keep=keep, p=p)
     torch.testing.assert_close(ours, plain)
     for got, want in zip(_grads(ours, [x, bias, lora_A, lora_B]), _grads(plain, [x, bias, lora_A, lora_B])):
@@ -105,7 +105,8 @@ def test_dropout_passes_gradcheck_in_double():
     )
     lora_A.requires_grad_(), lora_B.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda *args: reference_lora_linear(*args, 0.8, 0.3, 99, False), (x, weight, bias, lora_A, lora_B)
+        lambda *args: reference_lora_linear(*args, 0.8, 0.3, torch.tensor([99]), False),
+        (x, weight, bias, lora_A, lora_B),
     )
 
 
@@ -123,6 +124,60 @@ def test_dropout_masks_differ_between_calls():
     first = lora_linear(x, weight, bias, lora_A, lora_B, 1.0, dropout_p=0.5)
     second = lora_linear(x, weight, bias, lora_A, lora_B, 1.0, dropout_p=0.5)
     assert not torch.equal(first, second)
+
+
+def _lowbias32(value: int) -> int:
+    """Chris Wellons' lowbias32, in plain Python integers: the hash the module docstring specifies."""
+    value ^= value >> 16
+    value = (value * 0x7FEB352D) & 0xFFFFFFFF
+    value ^= value >> 15
+    value = (value * 0x846CA68B) & 0xFFFFFFFF
+    return value ^ (value >> 16)
+
+
+def test_the_dropout_mask_is_the_documented_hash_of_seed_and_flat_index():
+    seed, rows, width, p = 2**31 - 1, 3, 11, 0.4
+    threshold = round(p * 2**24)
+    want = [
+        (_lowbias32((index + seed * 0x9E3779B9) & 0xFFFFFFFF) >> 8) >= threshold
+        for index in range(rows * width)
+    ]
+    got = keep_mask(torch.tensor([seed]), rows, width, p)
+    assert got.flatten().tolist() == want
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_the_dropout_mask_drops_at_the_requested_rate_with_no_structure(p):
+    rows, width = 512, 1024  # one million draws
+    keep = keep_mask(torch.tensor([12345]), rows, width, p)
+    dropped = (~keep).double()
+    sigma = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(dropped.mean().item() - p) < 5 * sigma
+    # Every row, every column and every residue of the flat index mod 8 and mod 256 drops at the same rate.
+    assert dropped.mean(1).std().item() < 1.5 * (p * (1 - p) / width) ** 0.5
+    assert dropped.mean(0).std().item() < 1.5 * (p * (1 - p) / rows) ** 0.5
+    for period in (8, 256):
+        by_residue = dropped.view(-1, period).mean(0)
+        assert (by_residue - p).abs().max().item() < 5 * (p * (1 - p) * period / keep.numel()) ** 0.5
+    # Neighbours are uncorrelated: a drop next to a drop is as likely as any drop.
+    flat = dropped.flatten()
+    assert abs((flat[1:] * flat[:-1]).mean().item() - p * p) < 5 * p * (1 - p) / keep.numel() ** 0.5
+
+
+def test_masks_of_consecutive_seeds_agree_only_as_independent_draws_would():
+    p, rows, width = 0.25, 256, 512
+    first, second = (keep_mask(torch.tensor([seed]), rows, width, p) for seed in (7, 8))
+    agreement = (first == second).double().mean().item()
+    assert abs(agreement - ((1 - p) ** 2 + p**2)) < 5 * (0.5 / first.numel()) ** 0.5
+
+
+@pytest.mark.parametrize("width", [1, 8, 13])
+def test_packing_keeps_one_bit_per_element_least_significant_first(width):
+    keep = torch.rand(5, width, generator=torch.Generator().manual_seed(width)) > 0.5
+    packed = pack_keep(keep)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-width // 8))
+    assert (packed[:, 0] & 1).bool().tolist() == keep[:, 0].tolist()
+    assert torch.equal(unpack_keep(packed, width), keep)
 
 
 def _saved_bytes(fn) -> int:
@@ -150,7 +205,8 @@ def test_dropout_saves_no_dropped_copy_of_the_input():
     )
     x_bytes = x.numel() * 4
     small = (weight.numel() + lora_A.numel() + lora_B.numel() + tokens * rank) * 4
-    assert ours <= x_bytes + small
+    packed_mask = tokens * in_features // 8
+    assert ours <= x_bytes + small + packed_mask
     assert peft_like >= 2 * x_bytes
 
 

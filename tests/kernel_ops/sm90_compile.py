@@ -1,10 +1,11 @@
 """Compile the kernels for an H100 (sm_90a) on a machine without a GPU and report what ptxas made of them.
 
 Run as a script in a fresh process (``TRITON_INTERPRET`` unset, so the kernels are decorated for compilation);
-prints one JSON line per compiled case: its name, registers, stack bytes (non-zero = register spills) and shared
-memory. Each case is compiled with the specialization a real launch gets (integer arguments equal to 1 become
-constants, multiples of 16 are marked divisible by 16, pointers 16-byte aligned), for the largest tile its
-autotuner keeps after pruning, at realistic sizes (8192 tokens, 4096 × 4096, rank 16).
+prints one JSON line per compiled (case, config): its name, registers, stack bytes (non-zero = register spills),
+shared memory, whether the PTX has wgmma. Each case is compiled with the specialization a real launch gets (integer
+arguments equal to 1 become constants, multiples of 16 are marked divisible by 16 unless the kernel does not
+specialize them, pointers 16-byte aligned), for every tile its autotuner keeps after pruning, at realistic sizes
+(8192 tokens, 4096 × 4096, rank 16).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from triton.compiler import ASTSource
 H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TOKENS, IN_FEATURES, OUT_FEATURES, RANK = 8192, 4096, 4096, 16
-SEED = 2**40 + 12345  # as drawn by ops.lora_linear: 64-bit
 TRITON_TYPES = {
-    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.uint8: "u8"
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32", torch.int64: "i64",
+    torch.uint8: "u8",
 }  # fmt: skip
 
 
@@ -42,8 +43,8 @@ def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_sta
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
-        elif name == "seed":  # do_not_specialize
-            signature[name] = "i64"
+        elif jit_function.params[index].do_not_specialize:
+            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
         elif value == 1:
             signature[name], constants[name] = "constexpr", 1
         else:
@@ -66,15 +67,16 @@ def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_sta
     }
 
 
-def _autotuned(name: str, autotuner, args: dict, constexprs: dict) -> dict:
+def _autotuned(name: str, autotuner, args: dict, constexprs: dict):
+    """One record per config the autotuner keeps for this call after pruning."""
     configs = autotuner.configs
     if autotuner.early_config_prune:
         configs = autotuner.early_config_prune(configs, args, **constexprs)
-    config = configs[0]
-    result = _compile(
-        autotuner.fn, args, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages
-    )
-    return {"case": name, "config": config.kwargs, "num_warps": config.num_warps, **result}
+    for config in configs:
+        result = _compile(
+            autotuner.fn, args, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages
+        )
+        yield {"case": name, "config": config.kwargs, "num_warps": config.num_warps, **result}
 
 
 def _tensor(dtype):
@@ -145,22 +147,61 @@ def _fused_cases():
             (16, 16),
             (1, RANK),
         ),
+        # The cublas strategy's epilogues: y += s·xa Bᵀ after torch's GEMM; dx += mask ⊙ (dxa A)/(1-p).
+        (
+            "cublas epilogue: y += s xa Bᵀ, bf16 y",
+            bf16,
+            fp32,
+            False,
+            False,
+            False,
+            OUT_FEATURES,
+            0,
+            (16, 16),
+            (1, RANK),
+        ),
+        (
+            "cublas epilogue: dx += mask (dxa A)",
+            bf16,
+            fp32,
+            False,
+            False,
+            True,
+            IN_FEATURES,
+            0,
+            (16, 16),
+            (IN_FEATURES, 1),
+        ),
     ]
-    for name, x_dtype, adapter_dtype, has_base, has_bias, dropout, n, k, weight_strides, b_strides in cases:
-        out_dtype = x_dtype if has_base else adapter_dtype
+    for (
+        name,
+        x_dtype,
+        adapter_dtype,
+        has_base,
+        has_bias,
+        dropout,
+        n,
+        k,
+        weight_strides,
+        lora_B_strides,
+    ) in cases:
+        accumulate = name.startswith("cublas")
+        out_dtype = x_dtype if has_base or accumulate else adapter_dtype
         args = {
             "x_ptr": _tensor(x_dtype), "weight_ptr": _tensor(x_dtype), "bias_ptr": _tensor(x_dtype),
             "xa_ptr": _tensor(adapter_dtype), "lora_B_ptr": _tensor(adapter_dtype), "out_ptr": _tensor(out_dtype),
             "M": TOKENS, "N": n, "K": k, "R": RANK, "stride_x_m": k or 16, "stride_x_k": 1,
-            "stride_weight_k": weight_strides[0], "stride_weight_n": weight_strides[1], "stride_xa_m": RANK,
-            "stride_xa_r": 1, "stride_lora_B_r": b_strides[0], "stride_lora_B_n": b_strides[1],
-            "stride_out_m": n, "stride_out_n": 1, "scale": 0.5, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
+            "stride_weight_k": weight_strides[0], "stride_weight_n": weight_strides[1], "stride_bias": 1, "stride_xa_m": RANK,
+            "stride_xa_r": 1, "stride_lora_B_r": lora_B_strides[0], "stride_lora_B_n": lora_B_strides[1],
+            "stride_out_m": n, "stride_out_n": 1, "bits_ptr": _tensor(torch.uint8), "stride_bits_m": n // 8,
+            "scale": 0.5, "ROW_CLASS": 2,
         }  # fmt: skip
         constexprs = {
-            "HAS_BASE": has_base, "HAS_BIAS": has_bias, "HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3",
+            "HAS_BASE": has_base, "HAS_BIAS": has_bias, "HAS_DROPOUT": dropout, "ACCUMULATE": accumulate,
+            "FP32_PRECISION": "tf32x3",
             "LOW_RANK_PRECISION": "tf32x3" if out_dtype == fp32 else "tf32", "BLOCK_R": RANK,
         }  # fmt: skip
-        yield _autotuned(f"fused: {name}", fused_linear._fused_linear_kernel, args, constexprs)
+        yield from _autotuned(f"fused: {name}", fused_linear._fused_linear_kernel, args, constexprs)
 
 
 def _rank_cases():
@@ -172,11 +213,12 @@ def _rank_cases():
         args = {
             "x_ptr": _tensor(bf16), "lora_A_ptr": _tensor(fp32), "out_ptr": _tensor(fp32), "M": TOKENS, "K": k,
             "R": RANK, "stride_x_m": k, "stride_x_k": 1, "stride_lora_A_k": lora_A_strides[0],
-            "stride_lora_A_r": lora_A_strides[1], "stride_out_m": RANK, "stride_out_r": 1, "scale": 1.1, "seed": SEED,
-            "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
+            "stride_lora_A_r": lora_A_strides[1], "stride_out_m": RANK, "stride_out_r": 1, "scale": 1.1,
+            "seed_ptr": _tensor(torch.int64), "bits_ptr": _tensor(torch.uint8), "stride_bits_m": k // 8,
+            "threshold": round(0.1 * 2**24), "ROW_CLASS": 2,
         }  # fmt: skip
         constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
-        yield _autotuned(f"project: {name}", low_rank._project_kernel, args, constexprs)
+        yield from _autotuned(f"project: {name}", low_rank._project_kernel, args, constexprs)
     for name, k, dropout, partial_strides in [
         ("dA", IN_FEATURES, True, (IN_FEATURES * RANK, 1, IN_FEATURES)),
         ("dB", OUT_FEATURES, False, (OUT_FEATURES * RANK, RANK, 1)),
@@ -185,10 +227,11 @@ def _rank_cases():
             "x_ptr": _tensor(bf16), "dxa_ptr": _tensor(fp32), "partial_ptr": _tensor(fp32), "M": TOKENS, "K": k,
             "R": RANK, "rows_per_split": 256, "stride_x_m": k, "stride_x_k": 1, "stride_dxa_m": RANK,
             "stride_dxa_r": 1, "stride_partial_split": partial_strides[0], "stride_partial_k": partial_strides[1],
-            "stride_partial_r": partial_strides[2], "scale": 1.1, "seed": SEED, "dropout_p": 0.1, "ROWS_BUCKET": TOKENS,
+            "stride_partial_r": partial_strides[2], "scale": 1.1, "bits_ptr": _tensor(torch.uint8),
+            "stride_bits_m": k // 8, "ROW_CLASS": 2,
         }  # fmt: skip
         constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
-        yield _autotuned(f"outer: {name}", low_rank._outer_kernel, args, constexprs)
+        yield from _autotuned(f"outer: {name}", low_rank._outer_kernel, args, constexprs)
 
 
 def _merge_cases():

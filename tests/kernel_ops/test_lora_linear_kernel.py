@@ -1,11 +1,12 @@
 """The Triton ``lora_linear`` (under the interpreter) against the reference: forward and every gradient, odd
-shapes, 3-D and strided inputs, fp32/fp16/bf16, bias, fan_in_fan_out, and dropout fed the kernel's own mask."""
+shapes, 3-D and strided inputs, strided weights and bias, fp32/fp16/bf16, bias, fan_in_fan_out, and dropout (the
+two backends draw the same mask from the same seed tensor, bit for bit)."""
 
 import pytest
 import torch
 from triton_interpreter import kernels_fixture  # noqa: F401  (registers the `kernels` fixture)
 
-from lora_engine.ops.lora_linear import lora_linear, reference_lora_linear, triton_lora_linear
+from lora_engine.ops.lora_linear import draw_seed, lora_linear, reference_lora_linear, triton_lora_linear
 from lora_engine.reference import lora_linear as reference
 
 pytestmark = pytest.mark.usefixtures("kernels")
@@ -69,8 +70,13 @@ def _assert_matches_reference(got_fn, want_fn, inputs, compute_dtype=None):
         _assert_close(got_grad, want_grad, compute_dtype)
 
 
-def _both(kernels, operands, scaling, dropout_p=0.0, seed=0, fan_in_fan_out=False):
-    """The op on the Triton kernels and on the reference, each a thunk, with the same dropout seed."""
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64)
+
+
+def _both(kernels, operands, scaling, dropout_p=0.0, seed=None, fan_in_fan_out=False):
+    """The op on the Triton kernels and on the reference, each a thunk, with the same dropout seed tensor."""
+    seed = _seed(seed) if isinstance(seed, int) else seed
 
     def run(backend_op):
         return lambda: backend_op(*operands, scaling, dropout_p, seed, fan_in_fan_out)
@@ -121,6 +127,46 @@ def test_any_leading_dims_and_strides_match_the_reference(kernels, layout, dtype
     _assert_matches_reference(*_both(kernels, operands, 0.9), operands)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+def test_each_strategy_matches_the_reference(kernels, monkeypatch, strategy, dtype, dropout_p):
+    """Forced by LORA_ENGINE_LORA_GEMM; non-contiguous 3-D x with leading dims that cannot be flattened, bias."""
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)
+    x, *rest = _operands(dtype, leading=(ROWS - ROWS % 3,))
+    operands = (_layout("3d-transposed", x), *rest)
+    _assert_matches_reference(*_both(kernels, operands, 0.6, dropout_p, seed=31), operands)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+def test_each_strategy_reads_strided_operands_and_conv1d_weights(kernels, monkeypatch, strategy):
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)
+    x, weight, _, lora_A, lora_B = _operands(torch.bfloat16, fan_in_fan_out=True)
+    strided_bias = torch.randn(2 * OUT_FEATURES, generator=torch.Generator().manual_seed(8))[::2].bfloat16()
+    operands = (_layout("strided-features", x), weight, strided_bias.requires_grad_(), lora_A, lora_B)
+    _assert_matches_reference(*_both(kernels, operands, 0.6, 0.1, seed=32, fan_in_fan_out=True), operands)
+
+
+def test_auto_takes_cublas_for_few_rows_and_fused_off_cuda(kernels, monkeypatch):
+    from lora_engine.kernels import strategy
+
+    monkeypatch.delenv("LORA_ENGINE_LORA_GEMM", raising=False)
+    cpu = torch.device("cpu")
+    assert strategy.choose("key", strategy.SMALL_ROWS, cpu, None) == "cublas"
+    assert strategy.choose("key", strategy.SMALL_ROWS + 1, cpu, None) == "fused"
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", "cuBLAS ")
+    assert strategy.choose("key", 4096, cpu, None) == "cublas"
+
+
+def test_an_unknown_strategy_is_refused_naming_it(kernels, monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", "fastest")
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32)
+    with pytest.raises(
+        ValueError, match=r"LORA_ENGINE_LORA_GEMM='fastest' is not a strategy; choose one of auto"
+    ):
+        triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, None, False)
+
+
 def test_under_autocast_everything_runs_in_the_autocast_dtype_as_in_the_reference(kernels):
     operands = _operands(torch.float32)  # fp32 base and adapters; autocast runs both paths in bf16
 
@@ -136,44 +182,76 @@ def test_under_autocast_everything_runs_in_the_autocast_dtype_as_in_the_referenc
     _assert_matches_reference(autocast(got_fn), autocast(want_fn), operands, compute_dtype=torch.bfloat16)
 
 
-@pytest.fixture
-def reference_fed_the_kernel_mask(kernels, monkeypatch):
-    """The reference, drawing its dropout masks with the kernel's Philox mask instead of torch's generator."""
-    monkeypatch.setattr(reference, "dropout_keep_mask", kernels.keep_mask.dropout_keep_mask)
-    return reference
-
-
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
-def test_dropout_forward_and_gradients_match_the_reference_fed_the_same_mask(
-    kernels, reference_fed_the_kernel_mask, dropout_p, dtype
-):
+def test_dropout_forward_and_gradients_match_the_reference_from_the_same_seed(kernels, dropout_p, dtype):
     operands = _operands(dtype)
     _assert_matches_reference(*_both(kernels, operands, 0.6, dropout_p, seed=2024), operands)
 
 
 @pytest.mark.parametrize("layout", ["3d-transposed", "strided-features"])
-def test_dropout_mask_follows_the_logical_index_not_the_memory_layout(
-    kernels, reference_fed_the_kernel_mask, layout
-):
+def test_dropout_mask_follows_the_logical_index_not_the_memory_layout(kernels, layout):
     x, *rest = _operands(torch.float32, leading=(ROWS - ROWS % 3,))
     operands = (_layout(layout, x), *rest)
     _assert_matches_reference(*_both(kernels, operands, 0.6, 0.3, seed=77), operands)
 
 
-def test_dropout_drops_at_the_requested_rate(kernels):
-    p, shape = 0.25, (256, 512)
-    keep = kernels.keep_mask.dropout_keep_mask(shape, p, 12345, torch.device("cpu"))
-    assert keep.shape == shape and keep.dtype == torch.bool
-    sigma = (p * (1 - p) / keep.numel()) ** 0.5
-    assert abs((~keep).float().mean().item() - p) < 5 * sigma
-    # No structure along rows or columns: every row and column drops at about the same rate.
-    assert (~keep).float().mean(1).std().item() < 3 * (p * (1 - p) / shape[1]) ** 0.5
-    assert (~keep).float().mean(0).std().item() < 3 * (p * (1 - p) / shape[0]) ** 0.5
-    # Another seed draws an independent mask: the two agree on keep/drop as independent draws would.
-    other = kernels.keep_mask.dropout_keep_mask(shape, p, 12346, torch.device("cpu"))
-    agreement = (keep == other).float().mean().item()
-    assert abs(agreement - ((1 - p) ** 2 + p**2)) < 0.01
+@pytest.mark.parametrize("in_features", [IN_FEATURES, 48], ids=["in-45", "in-48"])
+def test_the_saved_mask_is_the_references_bit_for_bit(kernels, in_features):
+    rows, p, seed = 70, 0.3, _seed(2**31 - 5)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(3))
+    lora_A, lora_B = torch.randn(RANK, in_features), torch.randn(OUT_FEATURES, RANK)
+    _, _, got = kernels.lora_linear.forward(x, None, None, lora_A, lora_B, 1.0, p, seed, False)
+    _, _, want = reference.forward(x, None, None, lora_A, lora_B, 1.0, p, seed, False)
+    assert got.dtype == torch.uint8 and got.shape == (rows, -(-in_features // 8))
+    assert torch.equal(got, want)
+    assert torch.equal(
+        reference.unpack_keep(got, in_features), reference.keep_mask(seed, rows, in_features, p)
+    )
+
+
+@pytest.mark.parametrize("strategy", ["fused", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_backward_gives_identical_results_twice(kernels, monkeypatch, dtype, strategy):
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)
+    operands = _operands(dtype)
+    out = triton_lora_linear(*operands, 0.6, 0.1, _seed(9), False)
+    needing = [tensor for tensor in operands if tensor is not None and tensor.requires_grad]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out.dtype)
+    first = torch.autograd.grad(out, needing, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, needing, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_a_strided_bias_is_read_through_its_stride(kernels):
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32)
+    wide = torch.randn(2 * OUT_FEATURES, generator=torch.Generator().manual_seed(5))
+    strided_bias = wide[::2].requires_grad_()
+    operands = (x, weight, strided_bias, lora_A, lora_B)
+    _assert_matches_reference(*_both(kernels, operands, 0.8), operands)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
+def test_strided_weights_and_adapters_are_read_through_their_strides(kernels, fan_in_fan_out):
+    x, weight, bias, lora_A, lora_B = _operands(torch.float32, fan_in_fan_out=fan_in_fan_out)
+
+    def every_other_column(tensor):
+        wide = torch.zeros(tensor.shape[0], 2 * tensor.shape[1], dtype=tensor.dtype)
+        wide[:, ::2] = tensor.detach()
+        return wide[:, ::2].requires_grad_(tensor.requires_grad)
+
+    operands = (
+        x,
+        every_other_column(weight),
+        bias,
+        every_other_column(lora_A),
+        lora_B.detach().T.contiguous().T,
+    )
+    operands[4].requires_grad_()
+    assert not any(tensor.is_contiguous() for tensor in (operands[1], operands[3], operands[4]))
+    _assert_matches_reference(
+        *_both(kernels, operands, 0.8, 0.2, seed=6, fan_in_fan_out=fan_in_fan_out), operands
+    )
 
 
 def test_dropout_through_the_op_zeroes_and_rescales_like_inverted_dropout(kernels):
@@ -186,6 +264,7 @@ def test_dropout_through_the_op_zeroes_and_rescales_like_inverted_dropout(kernel
     torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / (1 - p)))
     second = lora_linear(ones, None, None, identity_A, identity_B, 1.0, dropout_p=p)
     assert not torch.equal(out, second)  # a fresh seed per call
+    assert draw_seed(ones.device).dtype == torch.int64
 
 
 def test_without_weight_only_the_low_rank_term_is_returned_in_the_adapter_dtype(kernels):
@@ -208,21 +287,21 @@ def test_only_the_gradients_asked_for_are_computed(kernels):
     x.requires_grad_(False)
     bias.requires_grad_(False)
     lora_A.requires_grad_(False)
-    out = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
+    out = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, None, False)
     (grad_B,) = torch.autograd.grad(out.sum(), [lora_B])
-    want = reference_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
+    want = reference_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, None, False)
     torch.testing.assert_close(grad_B, torch.autograd.grad(want.sum(), [lora_B])[0])
 
 
 def test_empty_input_gives_empty_output_and_zero_adapter_gradients(kernels):
     x, weight, bias, lora_A, lora_B = _operands(torch.float32, leading=(0,))
-    out = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.1, 3, False)
+    out = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.1, _seed(3), False)
     assert out.shape == (0, OUT_FEATURES)
     grad_A, grad_B = torch.autograd.grad(out.sum(), [lora_A, lora_B])
     assert not grad_A.any() and not grad_B.any()
 
 
-def test_saves_the_input_once_and_no_dropped_copy(kernels):
+def test_saves_the_input_once_the_packed_mask_and_no_dropped_copy(kernels):
     x, weight, bias, lora_A, lora_B = _operands(torch.float32)
     saved = []
 
@@ -231,10 +310,12 @@ def test_saves_the_input_once_and_no_dropped_copy(kernels):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.3, 5, False)
+        triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.3, _seed(5), False)
     big = [tensor for tensor in saved if tensor.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     assert any(tensor.shape == (ROWS, RANK) for tensor in saved)  # the [N, r] product
+    masks = [tensor for tensor in saved if tensor.dtype == torch.uint8]
+    assert [mask.shape for mask in masks] == [(ROWS, -(-IN_FEATURES // 8))]  # one bit per element of x
 
 
 def test_the_op_runs_the_kernel_under_the_triton_backend(kernels, monkeypatch):
@@ -245,7 +326,7 @@ def test_the_op_runs_the_kernel_under_the_triton_backend(kernels, monkeypatch):
     monkeypatch.setattr(reference, "forward", fail)
     x, weight, bias, lora_A, lora_B = _operands(torch.float32)
     out = lora_linear(x, weight, bias, lora_A, lora_B, 0.5)
-    want = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, 0, False)
+    want = triton_lora_linear(x, weight, bias, lora_A, lora_B, 0.5, 0.0, None, False)
     torch.testing.assert_close(out, want)
 
 
@@ -265,4 +346,4 @@ def test_bad_operands_are_refused_naming_the_operand(kernels, change, message):
     for name, transform in change.items():
         named[name] = transform(named[name].detach())
     with pytest.raises((TypeError, ValueError), match=message):
-        triton_lora_linear(*named.values(), 0.5, 0.0, 0, False)
+        triton_lora_linear(*named.values(), 0.5, 0.0, None, False)

@@ -30,14 +30,13 @@ from triton.runtime.jit import JITFunction
 
 from lora_engine import backend
 
-# Attribute of the fixture's namespace → module. `philox_keep_mask` is test support next to this file.
+# Attribute of the fixture's namespace → module.
 KERNEL_MODULES = {
     "lora_linear": "lora_engine.kernels.lora_linear",
     "lora_merge": "lora_engine.kernels.lora_merge",
     "grouped_lora": "lora_engine.kernels.grouped_lora",
     "nf4_dequantize": "lora_engine.kernels.nf4_dequantize",
     "nf4_merge": "lora_engine.kernels.nf4_merge",
-    "keep_mask": "philox_keep_mask",
 }
 
 
@@ -60,8 +59,8 @@ def _interpret_triton_language(patch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module", name="kernels")
 def kernels_fixture():
-    """A namespace with the kernel modules: ``kernels.lora_linear``, ``kernels.lora_merge`` (the backends' math)
-    and ``kernels.keep_mask`` (the kernels' dropout mask as a tensor, for tests)."""
+    """A namespace with the kernel modules: ``kernels.lora_linear`` and ``kernels.lora_merge`` (the backends'
+    math)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
         patch.setenv(backend.ENV_VAR, "triton")
