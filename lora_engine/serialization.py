@@ -43,8 +43,7 @@ from lora_engine.file_checks import (
     bound_config_digest,
     read_safetensors_header,
 )
-from lora_engine.layers.routing import BASE_ONLY
-from lora_engine.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
+from lora_engine.peft_format import BASE_ONLY_NAME, BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 from lora_engine.state_tensors import state_tensors
 
 
@@ -66,9 +65,9 @@ def check_adapter_name(adapter_name: str) -> None:
             f"Adapter name {adapter_name!r} contains non-printable characters {unprintable} (control, "
             "bidirectional or format characters); use printable characters only"
         )
-    if adapter_name == BASE_ONLY:
+    if adapter_name == BASE_ONLY_NAME:
         raise ValueError(
-            f"Adapter name {BASE_ONLY!r} is reserved: in adapter_names it selects the base model; pick another name"
+            f"Adapter name {BASE_ONLY_NAME!r} is reserved: in adapter_names it selects the base model; pick another name"
         )
 
 

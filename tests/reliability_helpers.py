@@ -170,7 +170,10 @@ def _is_torn(folder: Path) -> bool:
     """Whether the weights' config digest differs from adapter_config.json's (killed between the renames)."""
     from safetensors import safe_open
 
-    from lora_engine.file_checks import CONFIG_DIGEST_KEY, bound_config_digest
+    try:
+        from lora_engine.file_checks import CONFIG_DIGEST_KEY, bound_config_digest
+    except ImportError:  # a lora_engine without config digests (before issue 17): nothing to compare
+        return False
 
     with safe_open(folder / WEIGHTS_FILE, "pt") as weights:
         digest = (weights.metadata() or {}).get(CONFIG_DIGEST_KEY)

@@ -158,3 +158,10 @@ def test_config_with_a_bool_flag_written_as_a_number_is_refused_naming_the_field
 
     with pytest.raises(ValueError, match=r"adapter_config\.json.*use_rslora=1"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_the_reserved_adapter_name_is_the_one_mixed_batches_route_to_the_base():
+    from lora_engine.layers.routing import BASE_ONLY
+    from lora_engine.peft_format import BASE_ONLY_NAME
+
+    assert BASE_ONLY_NAME == BASE_ONLY == "__base__"
