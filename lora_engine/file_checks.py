@@ -32,13 +32,13 @@ TEMP_PREFIX = ".lora-engine-tmp-"
 CONFIG_DIGEST_KEY = "lora_engine_config_sha256"
 # The config keys that change which tensors an adapter has or what they compute (peft's list, research notes
 # §2.4); only these are bound to the weights, so editing e.g. base_model_name_or_path or adding a key from a
-# newer peft keeps a pair valid.
+# newer peft keeps a pair valid. Not `init_lora_weights`: the saved factors overwrite the init, and peft's own
+# PiSSA/OLoRA conversion rewrites that field in a saved folder (init_conversion does the same).
 BOUND_FIELDS = frozenset(
     {
         "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
         "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "bias", "fan_in_fan_out",
-        "init_lora_weights", "use_dora", "lora_bias", "trainable_token_indices", "target_parameters",
-        "layer_replication",
+        "use_dora", "lora_bias", "trainable_token_indices", "target_parameters", "layer_replication",
     }
 )  # fmt: skip
 # safetensors' own limit on the header length (100 MB); anything larger is a corrupt length field.
