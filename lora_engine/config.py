@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_engine import config_checks
+from lora_engine.file_checks import AdapterFileError, read_config_dict
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 from lora_engine.serialization import atomic_write
@@ -147,22 +148,27 @@ class PeftConfig:
         config_path = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{folder!r} has no {CONFIG_NAME}")
-        with open(config_path, encoding="utf-8") as file:
-            try:
-                config_dict = json.load(file)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{config_path!r} is not valid JSON: {error}") from error
-        if not isinstance(config_dict, dict):
-            raise ValueError(f"{config_path!r} holds a {type(config_dict).__name__}, not a JSON object")
+        return cls.from_file_dict(config_path, read_config_dict(config_path), **kwargs)
 
-        config_cls = cls._class_for(kwargs.get("peft_type", config_dict.get("peft_type")))
+    @classmethod
+    def from_file_dict(cls, config_path: str | os.PathLike, config_dict: dict, **kwargs: Any) -> PeftConfig:
+        """Build a config from `config_dict`, read from the file `config_path`; keyword fields override it.
+
+        Every invalid value is an `AdapterFileError` (a ValueError) naming the file and the field; a keyword
+        that is not a field is a TypeError.
+        """
+        config_cls = cls._class_for(kwargs.get("peft_type", "LORA"))
         field_names = {config_field.name for config_field in fields(config_cls)}
         unknown_kwargs = sorted(set(kwargs) - field_names)
         if unknown_kwargs:
             raise TypeError(
                 f"{config_cls.__name__}.from_pretrained got keywords {unknown_kwargs} that are not fields"
             )
-        return config_cls.from_dict({**config_dict, **kwargs})
+        try:
+            config_cls = cls._class_for(kwargs.get("peft_type", config_dict.get("peft_type")))
+            return config_cls.from_dict({**config_dict, **kwargs})
+        except (ValueError, TypeError) as error:
+            raise AdapterFileError(config_path, str(error)) from error
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> PeftConfig:
@@ -270,14 +276,44 @@ class LoraConfig(PeftConfig):
         self._refuse_unsupported_options()
 
     def _check_values(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r={self.r!r}: the rank must be a positive int")
-        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha):
-            raise ValueError(f"lora_alpha={self.lora_alpha!r}: must be a finite number")
+        """Every field's type and range (``config_checks``); ValueError naming the first bad field."""
+        config_checks.check_rank("r", self.r)
+        config_checks.check_alpha("lora_alpha", self.lora_alpha)
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: must be a probability in [0, 1)")
-        if self.bias not in ("none", "all", "lora_only"):
+        if not isinstance(self.bias, str) or self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r}: must be 'none', 'all' or 'lora_only'")
+        for name in (
+            "fan_in_fan_out",
+            "use_rslora",
+            "inference_mode",
+            "ensure_weight_tying",
+            "use_dora",
+            "lora_bias",
+            *FLAGS,
+        ):
+            config_checks.check_bool(name, getattr(self, name))
+        for name in ("peft_version", "base_model_name_or_path", "revision", "megatron_core"):
+            config_checks.check_optional_str(name, getattr(self, name))
+        for name in ("auto_mapping", *INIT_CONFIGS):
+            config_checks.check_optional_dict(name, getattr(self, name))
+        config_checks.check_targets("target_modules", self.target_modules)
+        config_checks.check_targets("exclude_modules", self.exclude_modules)
+        if isinstance(self.modules_to_save, str):
+            raise ValueError(
+                f"modules_to_save={self.modules_to_save!r} is a str; it must be a list of module names, "
+                f"e.g. [{self.modules_to_save!r}]"
+            )
+        if self.modules_to_save is not None:
+            config_checks.check_names("modules_to_save", self.modules_to_save, regex_entries=True)
+        if self.layers_pattern is not None:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            config_checks.check_names("layers_pattern", patterns, regex_entries=True)
+        config_checks.check_layers_to_transform(self.layers_to_transform)
+        config_checks.check_pattern_dict("rank_pattern", self.rank_pattern, config_checks.check_rank)
+        config_checks.check_pattern_dict("alpha_pattern", self.alpha_pattern, config_checks.check_alpha)
+        if isinstance(self.qalora_group_size, bool) or not isinstance(self.qalora_group_size, int):
+            raise ValueError(f"qalora_group_size={self.qalora_group_size!r}: must be an int")
         init = self.init_lora_weights
         if self.lora_bias and init not in (True, False):
             raise ValueError(
@@ -295,7 +331,7 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={init!r} is a peft option that lora_engine does not support yet; "
                 f"use one of {_KNOWN_INITS}"
             )
-        raise ValueError(f"init_lora_weights={init!r} is unknown; use one of {_KNOWN_INITS}")
+        raise ValueError(f"init_lora_weights={init!r:.200} is unknown; use one of {_KNOWN_INITS}")
 
     def _check_layer_selection(self) -> None:
         # peft's rules: a str target_modules is a regex over full names, which selects layers by itself.

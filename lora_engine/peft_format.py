@@ -15,3 +15,6 @@ SAVED_PREFIX = "base_model.model."
 # only to fill the field (its LoRA config never compares it), so files naming 0.21.2 load in peft 0.21.2 without
 # a warning.
 PEFT_FORMAT_VERSION = "0.21.2"
+# peft's name for "no adapter" in a mixed batch's ``adapter_names`` (``layers/routing.BASE_ONLY`` routes it), so
+# no adapter may be called this.
+BASE_ONLY_NAME = "__base__"

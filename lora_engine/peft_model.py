@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_engine.adapter_files import load_adapter_folder, save_adapters
-from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
+from lora_engine.adapter_files import load_adapter_folder, load_into_new_peft_model, save_adapters
+from lora_engine.adapter_loading import read_adapter_config
+from lora_engine.config import LoraConfig, PeftType, TaskType
 from lora_engine.ignored_options import warn_if_set
 from lora_engine.integrations.pretrained import WrappedPreTrainedModel
 from lora_engine.model_card import create_or_update_model_card
@@ -203,7 +204,8 @@ class PeftModel(WrappedPreTrainedModel):
         card ``README.md`` in ``save_directory`` (an existing one is updated, as peft does).
 
         ``default`` goes to ``save_directory``, any other adapter to ``save_directory/<name>``. Every name is
-        checked before anything is written; each file is written atomically. ``state_dict=`` (passed by the
+        checked before anything is written; each adapter's pair of files is written all or nothing
+        (``serialization.save_adapter_files``). ``state_dict=`` (passed by the
         Trainer under DeepSpeed/FSDP) supplies the values. Only the main process writes. A Trainer checkpoint
         folder also gets ``model.safetensors`` with the trainable tensors, for resuming and best-model reloading
         (``integrations/trainer.py``). ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA
@@ -244,27 +246,24 @@ class PeftModel(WrappedPreTrainedModel):
         """Wrap ``model`` and load the adapter saved in the local folder ``model_id``.
 
         The wrapper class follows the saved ``task_type`` when called on ``PeftModel``. With
-        ``is_trainable=False`` the adapter is frozen and the model put in eval mode. ``adapter_name`` is checked
-        once, when the adapter is injected, before the model is changed.
+        ``is_trainable=False`` the adapter is frozen and the model put in eval mode. ``allow_non_finite=True``
+        (a keyword) accepts NaN/Inf weights. Everything that needs no change to ``model`` is checked first; if
+        anything raises, ``model`` is left exactly as it was: no LoRA wrapper stays injected, and the same
+        ``requires_grad`` flags and train/eval modes (``adapter_files.load_into_new_peft_model``).
         ``ephemeral_gpu_offload``, ``low_cpu_mem_usage``: accepted for peft's signature; no effect (warn when
         True: ``ignored_options``).
         """
         warn_if_set("ephemeral_gpu_offload", ephemeral_gpu_offload, False)
         warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
+        folder = Path(model_id) / kwargs["subfolder"] if kwargs.get("subfolder") else Path(model_id)
         if config is None:
-            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+            config = read_adapter_config(folder)
         config.inference_mode = not is_trainable
         model_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls) if cls is PeftModel else cls
-        peft_model = model_class(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        peft_model.load_adapter(
-            model_id,
-            adapter_name,
-            is_trainable=is_trainable,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            key_mapping=key_mapping,
-            **kwargs,
+        options = dict(kwargs, autocast_adapter_dtype=autocast_adapter_dtype, key_mapping=key_mapping)
+        return load_into_new_peft_model(
+            model_class, model, folder, adapter_name, config, is_trainable, options
         )
-        return peft_model
 
     def load_adapter(
         self,
@@ -276,13 +275,21 @@ class PeftModel(WrappedPreTrainedModel):
         ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
         key_mapping: dict[str, str] | None = None,
+        replace_existing: bool = False,
+        allow_non_finite: bool = False,
         **kwargs,
     ):
         """Load the adapter in folder ``model_id`` as ``adapter_name``; returns ``(missing, unexpected)`` keys.
 
-        A new name is added (inactive, like peft; ``add_adapter`` checks the name); an existing name only gets
-        its weights reloaded. ``ephemeral_gpu_offload``, ``low_cpu_mem_usage``: accepted for peft's signature; no
-        effect (warn when True: ``ignored_options``).
+        A new name is added (inactive, like peft). An existing ``adapter_name`` is replaced (and stays active if
+        it was) when its config means the same (``file_checks.BOUND_FIELDS`` equal: peft's reload of the
+        weights) or with ``replace_existing=True``; otherwise it is a ValueError naming it (peft would keep the
+        old scaling with the new weights). ``allow_non_finite=True`` accepts NaN/Inf weights. Every check that
+        needs no change to the model runs first; if anything raises, the model is left exactly as it was
+        (``adapter_loading``); errors about a file are ``AdapterFileError``s naming it. The two keywords after
+        ``key_mapping`` are ours, placed after peft's parameters so that peft's calls keep their meaning.
+        ``ephemeral_gpu_offload``, ``low_cpu_mem_usage``: accepted for peft's signature; no effect (warn when
+        True: ``ignored_options``).
         """
         warn_if_set("ephemeral_gpu_offload", ephemeral_gpu_offload, False)
         warn_if_set("low_cpu_mem_usage", low_cpu_mem_usage, False)
@@ -296,6 +303,8 @@ class PeftModel(WrappedPreTrainedModel):
             autocast_adapter_dtype=autocast_adapter_dtype,
             key_mapping=key_mapping,
             ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
+            replace_existing=replace_existing,
+            allow_non_finite=allow_non_finite,
         )
 
     # ------------------------------------------------------------------ running

@@ -197,8 +197,10 @@ def _check_layer_options(config) -> None:
 
 
 def _names_match(module_name: str, names) -> bool:
-    """Exact name, or a suffix of it that starts after a `.`."""
-    return module_name in names or any(module_name.endswith("." + name) for name in names)
+    """Exact name, or a suffix of it that starts after a `.`: set lookups of the name's few suffixes, so the
+    cost does not grow with the number of names (a file may list tens of thousands)."""
+    names = names if isinstance(names, set | frozenset) else set(names)
+    return module_name in names or any(suffix in names for suffix in _suffixes(module_name)[:-1])
 
 
 def _is_excluded(module_name: str, exclude_modules) -> bool:
@@ -216,7 +218,7 @@ def _matches_targets(module_name: str, config) -> bool:
         return re.fullmatch(targets, module_name) is not None
     if module_name in targets:  # an exact full name is taken whatever layers_to_transform says
         return True
-    if not any(module_name.endswith("." + target) for target in targets):
+    if not _names_match(module_name, targets):
         return False
     return _in_selected_layer(module_name, config)
 
@@ -285,7 +287,7 @@ def _shortened(targets, all_names: list[str]):
     taken = {suffix for name in all_names if not _names_match(name, targets) for suffix in _suffixes(name)}
     kept = set()
     for target in sorted(targets, key=_suffixes):
-        if any(target.endswith("." + suffix) for suffix in kept):
+        if any(suffix in kept for suffix in _suffixes(target)[:-1]):
             continue
         free = next((suffix for suffix in _suffixes(target) if suffix not in taken), None)
         if free is not None:
@@ -300,7 +302,8 @@ def _suffixes(module_name: str) -> list[str]:
 
 
 def _entries_naming_nothing(targets, names: list[str]) -> list[str]:
-    return sorted(entry for entry in targets if not any(_names_match(name, [entry]) for name in names))
+    named = {suffix for name in names for suffix in _suffixes(name)}
+    return sorted(entry for entry in targets if entry not in named)
 
 
 def _no_target_message(requested, resolved, unnamed, candidates, config) -> str:

@@ -18,6 +18,7 @@ from conftest import copy_lora_weights
 from safetensors import safe_open
 
 import lora_engine
+from lora_engine.file_checks import bound_config_digest
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -148,7 +149,12 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.T
 def assert_same_adapter_files(ours_folder: Path, theirs_folder: Path) -> None:
     ours_metadata, ours_tensors = read_safetensors(ours_folder / WEIGHTS_FILE)
     theirs_metadata, theirs_tensors = read_safetensors(theirs_folder / WEIGHTS_FILE)
-    assert ours_metadata == theirs_metadata == {"format": "pt"}
+    # Ours adds one key binding the weights to their config (serialization's docstring); peft ignores it.
+    assert theirs_metadata == {"format": "pt"}
+    assert ours_metadata == {
+        "format": "pt",
+        "lora_engine_config_sha256": bound_config_digest(read_config(ours_folder)),
+    }
     assert_same_tensors(ours_tensors, theirs_tensors)
     ours_config, theirs_config = read_config(ours_folder), read_config(theirs_folder)
     assert set(ours_config) == set(theirs_config)
