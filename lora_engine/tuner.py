@@ -23,6 +23,7 @@ from lora_engine.layers.dora import DORA_CLASSES, DoraMixin
 from lora_engine.layers.embedding import LoraEmbedding
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.layers.multihead_attention import LoraMultiheadAttention
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
@@ -43,9 +44,13 @@ def _wrap(module_name: str, module: nn.Module) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, CONV_KINDS):
         return LoraConv(module)
+    if isinstance(module, nn.MultiheadAttention):
+        with _naming_module(module_name):
+            return LoraMultiheadAttention(module)
     raise ValueError(
         f"Target module {module_name!r} is a {type(module).__name__}; lora_engine supports LoRA on "
-        "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding and torch.nn.Conv1d/Conv2d/Conv3d"
+        "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d and "
+        "torch.nn.MultiheadAttention"
     )
 
 
@@ -330,6 +335,12 @@ class LoraModel(nn.Module):
         majority_sign_method: str = "total",
     ) -> None:
         """Add ``adapter_name``, the weighted combination of ``adapters``; see ``lora_engine.weighted``."""
+        for module_name, layer in self.lora_layers():
+            if isinstance(layer, LoraMultiheadAttention) and any(name in layer.r for name in adapters):
+                raise ValueError(
+                    f"add_weighted_adapter: {module_name!r} is an nn.MultiheadAttention adapter; combining "
+                    "adapters on nn.MultiheadAttention is not supported yet by lora_engine"
+                )
         add_weighted_adapter(
             self,
             adapters,
