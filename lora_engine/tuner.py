@@ -24,10 +24,11 @@ from lora_engine.layers.embedding import LoraEmbedding
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.multihead_attention import LoraMultiheadAttention
+from lora_engine.layers.parameters import LoraParameters
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
-from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
+from lora_engine.targeting import find_target_parameters, find_targets, is_module_to_save, rank_and_alpha
 from lora_engine.weighted import add_weighted_adapter
 
 AdapterWrapper = LoraLayer | ModulesToSaveWrapper
@@ -156,8 +157,11 @@ class LoraModel(nn.Module):
         try:
             self._add_modules_to_save(adapter_name, config, created)
             wrapped = [name for name, _ in self.named_adapter_wrappers()]
-            for module_name in find_targets(self.model, config, skip_within=wrapped):
-                self._add_lora(module_name, adapter_name, config, created)
+            if config.target_modules or not config.target_parameters:  # peft: only parameters when no modules
+                for module_name in find_targets(self.model, config, skip_within=wrapped):
+                    self._add_lora(module_name, adapter_name, config, created)
+            if config.target_parameters is not None:
+                self._add_parameter_loras(adapter_name, config, created)
         except Exception:
             self._roll_back(adapter_name, created)
             raise
@@ -192,6 +196,40 @@ class LoraModel(nn.Module):
             module.add_adapter(adapter_name, *settings, lora_bias=True)
         else:
             module.add_adapter(adapter_name, *settings)
+
+    def _add_parameter_loras(self, adapter_name: str, config: LoraConfig, created: list) -> None:
+        """``target_parameters``: one ``LoraParameters`` per module holding targeted parameters (peft's rules)."""
+        for option in ("lora_dropout", "fan_in_fan_out", "use_dora", "lora_bias"):
+            if getattr(config, option, None):
+                raise ValueError(
+                    f"target_parameters with {option}={getattr(config, option)!r}: LoRA on parameters does not "
+                    f"work with {option} (as in peft); leave it at its default"
+                )
+        wrappers = dict(self.named_adapter_wrappers())
+        bases = {
+            name: wrapper.base_layer for name, wrapper in wrappers.items() if isinstance(wrapper, LoraLayer)
+        }
+        found = find_target_parameters(self.model, config.target_parameters, bases)
+        if not found:
+            raise ValueError(
+                f"target_parameters={config.target_parameters} matched no parameter of the model; entries are full "
+                'parameter names or their "."-bounded suffixes, e.g. "experts.gate_up_proj"'
+            )
+        for module_name, parameter_names in found.items():
+            module = self.model.get_submodule(module_name)
+            LoraParameters.check_can_hold(module_name, module, parameter_names)
+            settings = {rank_and_alpha(f"{module_name}.{name}", config) for name in parameter_names}
+            if len(settings) > 1:
+                raise ValueError(
+                    f"target_parameters: the parameters {parameter_names} of {module_name!r} get different (r, "
+                    f"lora_alpha) {sorted(settings)} from rank_pattern/alpha_pattern; that is not supported yet"
+                )
+            if not isinstance(module, LoraParameters):
+                module = LoraParameters(module_name, module, parameter_names)
+                replace_submodule(self.model, module_name, module)
+                created.append((module_name, module))
+            ((r, lora_alpha),) = settings
+            module.add_adapter(adapter_name, r, lora_alpha, 0.0, config.use_rslora, config.init_lora_weights)
 
     @staticmethod
     def _check_fan_in_fan_out(module_name: str, module: LoraLayer, config: LoraConfig) -> None:
@@ -336,6 +374,10 @@ class LoraModel(nn.Module):
     ) -> None:
         """Add ``adapter_name``, the weighted combination of ``adapters``; see ``lora_engine.weighted``."""
         for module_name, layer in self.lora_layers():
+            if isinstance(layer, LoraParameters) and any(name in layer.r for name in adapters):
+                raise ValueError(
+                    f"add_weighted_adapter does not support targeting nn.Parameter ({module_name!r}), as in peft"
+                )
             if isinstance(layer, LoraMultiheadAttention) and any(name in layer.r for name in adapters):
                 raise ValueError(
                     f"add_weighted_adapter: {module_name!r} is an nn.MultiheadAttention adapter; combining "

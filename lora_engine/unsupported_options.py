@@ -16,7 +16,6 @@ FLAGS = ("use_qalora",)
 WHEN_GIVEN = (
     "trainable_token_indices",
     "layer_replication",
-    "target_parameters",
     "megatron_config",
     "arrow_config",
     "kasa_config",

@@ -307,7 +307,6 @@ UNSUPPORTED_OPTIONS = [
     ("use_qalora", True),
     ("trainable_token_indices", [0, 1]),
     ("layer_replication", [[0, 2], [1, 2]]),
-    ("target_parameters", ["experts.gate_up_proj"]),
     ("megatron_config", {"tensor_model_parallel_size": 2}),
     ("arrow_config", {"top_k": 2}),
     ("kasa_config", {}),
