@@ -26,6 +26,7 @@ from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.multihead_attention import LoraMultiheadAttention
 from lora_engine.layers.parameters import LoraParameters
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
+from lora_engine.layers.trainable_tokens import TrainableTokens, inject_trainable_tokens
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_target_parameters, find_targets, is_module_to_save, rank_and_alpha
@@ -162,6 +163,8 @@ class LoraModel(nn.Module):
                     self._add_lora(module_name, adapter_name, config, created)
             if config.target_parameters is not None:
                 self._add_parameter_loras(adapter_name, config, created)
+            if config.trainable_token_indices is not None:
+                self._add_trainable_tokens(adapter_name, config, created)
         except Exception:
             self._roll_back(adapter_name, created)
             raise
@@ -196,6 +199,19 @@ class LoraModel(nn.Module):
             module.add_adapter(adapter_name, *settings, lora_bias=True)
         else:
             module.add_adapter(adapter_name, *settings)
+
+    def _add_trainable_tokens(self, adapter_name: str, config: LoraConfig, created: list) -> None:
+        """``trainable_token_indices``: see ``layers.trainable_tokens``; not together with the same module in
+        ``modules_to_save`` (peft's rule)."""
+        indices = config.trainable_token_indices
+        named = indices if isinstance(indices, dict) else {}
+        both = [name for name in named if config.modules_to_save and name in config.modules_to_save]
+        if both:
+            raise ValueError(
+                f"{both[0]!r} is in modules_to_save (trained fully) and in trainable_token_indices; pass it in one "
+                "of them only"
+            )
+        inject_trainable_tokens(self.model, adapter_name, indices, created)
 
     def _add_parameter_loras(self, adapter_name: str, config: LoraConfig, created: list) -> None:
         """``target_parameters``: one ``LoraParameters`` per module holding targeted parameters (peft's rules)."""
@@ -378,10 +394,12 @@ class LoraModel(nn.Module):
                 raise ValueError(
                     f"add_weighted_adapter does not support targeting nn.Parameter ({module_name!r}), as in peft"
                 )
-            if isinstance(layer, LoraMultiheadAttention) and any(name in layer.r for name in adapters):
+            if isinstance(layer, LoraMultiheadAttention | TrainableTokens) and any(
+                name in layer.r for name in adapters
+            ):
                 raise ValueError(
-                    f"add_weighted_adapter: {module_name!r} is an nn.MultiheadAttention adapter; combining "
-                    "adapters on nn.MultiheadAttention is not supported yet by lora_engine"
+                    f"add_weighted_adapter: {module_name!r} holds a {type(layer).__name__} adapter; combining "
+                    "such adapters is not supported yet by lora_engine"
                 )
         add_weighted_adapter(
             self,

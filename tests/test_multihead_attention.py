@@ -293,7 +293,7 @@ def test_mixed_adapter_batch_raises_like_peft(tokens):
 
 def test_weighted_adapter_on_attention_is_refused_by_name():
     _, ours = build_pair()
-    with pytest.raises(ValueError, match="'attn'.*not supported yet"):
+    with pytest.raises(ValueError, match="'attn'.*LoraMultiheadAttention.*not supported yet"):
         ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
 
 
