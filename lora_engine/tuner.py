@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_engine.config import LoraConfig
+from lora_engine.extra_targets import add_parameter_loras, add_trainable_tokens, wrapped_bases
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.conv import CONV_KINDS, LoraConv
 from lora_engine.layers.dense import LoraLinear
@@ -26,10 +27,10 @@ from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.multihead_attention import LoraMultiheadAttention
 from lora_engine.layers.parameters import LoraParameters
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
-from lora_engine.layers.trainable_tokens import TrainableTokens, inject_trainable_tokens
+from lora_engine.layers.trainable_tokens import TrainableTokens
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
-from lora_engine.targeting import find_target_parameters, find_targets, is_module_to_save, rank_and_alpha
+from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
 from lora_engine.weighted import add_weighted_adapter
 
 AdapterWrapper = LoraLayer | ModulesToSaveWrapper
@@ -162,9 +163,9 @@ class LoraModel(nn.Module):
                 for module_name in find_targets(self.model, config, skip_within=wrapped):
                     self._add_lora(module_name, adapter_name, config, created)
             if config.target_parameters is not None:
-                self._add_parameter_loras(adapter_name, config, created)
+                add_parameter_loras(self.model, adapter_name, config, wrapped_bases(self), created)
             if config.trainable_token_indices is not None:
-                self._add_trainable_tokens(adapter_name, config, created)
+                add_trainable_tokens(self.model, adapter_name, config, created)
         except Exception:
             self._roll_back(adapter_name, created)
             raise
@@ -199,53 +200,6 @@ class LoraModel(nn.Module):
             module.add_adapter(adapter_name, *settings, lora_bias=True)
         else:
             module.add_adapter(adapter_name, *settings)
-
-    def _add_trainable_tokens(self, adapter_name: str, config: LoraConfig, created: list) -> None:
-        """``trainable_token_indices``: see ``layers.trainable_tokens``; not together with the same module in
-        ``modules_to_save`` (peft's rule)."""
-        indices = config.trainable_token_indices
-        named = indices if isinstance(indices, dict) else {}
-        both = [name for name in named if config.modules_to_save and name in config.modules_to_save]
-        if both:
-            raise ValueError(
-                f"{both[0]!r} is in modules_to_save (trained fully) and in trainable_token_indices; pass it in one "
-                "of them only"
-            )
-        inject_trainable_tokens(self.model, adapter_name, indices, created)
-
-    def _add_parameter_loras(self, adapter_name: str, config: LoraConfig, created: list) -> None:
-        """``target_parameters``: one ``LoraParameters`` per module holding targeted parameters (peft's rules)."""
-        for option in ("lora_dropout", "fan_in_fan_out", "use_dora", "lora_bias"):
-            if getattr(config, option, None):
-                raise ValueError(
-                    f"target_parameters with {option}={getattr(config, option)!r}: LoRA on parameters does not "
-                    f"work with {option} (as in peft); leave it at its default"
-                )
-        wrappers = dict(self.named_adapter_wrappers())
-        bases = {
-            name: wrapper.base_layer for name, wrapper in wrappers.items() if isinstance(wrapper, LoraLayer)
-        }
-        found = find_target_parameters(self.model, config.target_parameters, bases)
-        if not found:
-            raise ValueError(
-                f"target_parameters={config.target_parameters} matched no parameter of the model; entries are full "
-                'parameter names or their "."-bounded suffixes, e.g. "experts.gate_up_proj"'
-            )
-        for module_name, parameter_names in found.items():
-            module = self.model.get_submodule(module_name)
-            LoraParameters.check_can_hold(module_name, module, parameter_names)
-            settings = {rank_and_alpha(f"{module_name}.{name}", config) for name in parameter_names}
-            if len(settings) > 1:
-                raise ValueError(
-                    f"target_parameters: the parameters {parameter_names} of {module_name!r} get different (r, "
-                    f"lora_alpha) {sorted(settings)} from rank_pattern/alpha_pattern; that is not supported yet"
-                )
-            if not isinstance(module, LoraParameters):
-                module = LoraParameters(module_name, module, parameter_names)
-                replace_submodule(self.model, module_name, module)
-                created.append((module_name, module))
-            ((r, lora_alpha),) = settings
-            module.add_adapter(adapter_name, r, lora_alpha, 0.0, config.use_rslora, config.init_lora_weights)
 
     @staticmethod
     def _check_fan_in_fan_out(module_name: str, module: LoraLayer, config: LoraConfig) -> None:
@@ -389,17 +343,12 @@ class LoraModel(nn.Module):
         majority_sign_method: str = "total",
     ) -> None:
         """Add ``adapter_name``, the weighted combination of ``adapters``; see ``lora_engine.weighted``."""
+        refused = LoraMultiheadAttention | LoraParameters | TrainableTokens
         for module_name, layer in self.lora_layers():
-            if isinstance(layer, LoraParameters) and any(name in layer.r for name in adapters):
+            if isinstance(layer, refused) and any(name in layer.r for name in adapters):
                 raise ValueError(
-                    f"add_weighted_adapter does not support targeting nn.Parameter ({module_name!r}), as in peft"
-                )
-            if isinstance(layer, LoraMultiheadAttention | TrainableTokens) and any(
-                name in layer.r for name in adapters
-            ):
-                raise ValueError(
-                    f"add_weighted_adapter: {module_name!r} holds a {type(layer).__name__} adapter; combining "
-                    "such adapters is not supported yet by lora_engine"
+                    f"add_weighted_adapter: {module_name!r} holds a {type(layer).__name__} adapter; combining such "
+                    "adapters is not supported yet by lora_engine (peft refuses nn.Parameter targets too)"
                 )
         add_weighted_adapter(
             self,
