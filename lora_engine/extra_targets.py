@@ -33,6 +33,12 @@ def add_parameter_loras(
                 f"target_parameters with {option}={getattr(config, option)!r}: LoRA on parameters does not "
                 f"work with {option} (as in peft); leave it at its default"
             )
+    init = config.init_lora_weights
+    if not (init is True or init is False or init == "gaussian"):
+        raise ValueError(
+            f"target_parameters with init_lora_weights={init!r} is not supported yet by lora_engine; use True, "
+            "False or 'gaussian'"
+        )
     found = find_target_parameters(model, config.target_parameters, bases)
     if not found:
         raise ValueError(
