@@ -344,3 +344,31 @@ def _key_matches(key: str, module_name: str) -> bool:
 
 def _pattern_value(patterns, module_name: str, default):
     return next((value for key, value in (patterns or {}).items() if _key_matches(key, module_name)), default)
+
+
+def find_target_parameters(
+    model: torch.nn.Module, target_parameters: list[str], wrapper_names: dict[str, torch.nn.Module]
+) -> dict[str, list[str]]:
+    """peft's ``target_parameters`` matching: ``{module name: [parameter names]}`` for every parameter registered
+    directly on a module whose full name equals an entry or ends with ``"." + entry``, in ``named_modules()``
+    order, each module's parameters in registration order (peft's nesting order).
+
+    ``wrapper_names`` maps the names of existing adapter wrappers to their base layers: a wrapper's base layer is
+    matched under the wrapper's name, and nothing inside a wrapper is matched on its own. Raises ``TypeError`` for a
+    str (peft does not take a regex here).
+    """
+    if isinstance(target_parameters, str):
+        raise TypeError(
+            f"target_parameters={target_parameters!r} is a str; it must be a list of parameter names such as "
+            '["experts.gate_up_proj"] (not a regex)'
+        )
+    found: dict[str, list[str]] = {}
+    for module_name, module in model.named_modules():
+        if not module_name or _is_inside(module_name, list(wrapper_names)):
+            continue
+        holder = wrapper_names.get(module_name, module)
+        for parameter_name, _ in holder.named_parameters(recurse=False):
+            key = f"{module_name}.{parameter_name}"
+            if any(key == entry or key.endswith(f".{entry}") for entry in target_parameters):
+                found.setdefault(module_name, []).append(parameter_name)
+    return found

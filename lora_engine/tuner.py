@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_engine.config import LoraConfig
+from lora_engine.extra_targets import add_parameter_loras, add_trainable_tokens, wrapped_bases
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.conv import CONV_KINDS, LoraConv
 from lora_engine.layers.dense import LoraLinear
@@ -23,7 +24,10 @@ from lora_engine.layers.dora import DORA_CLASSES, DoraMixin
 from lora_engine.layers.embedding import LoraEmbedding
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.layers.multihead_attention import LoraMultiheadAttention
+from lora_engine.layers.parameters import LoraParameters
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
+from lora_engine.layers.trainable_tokens import TrainableTokens
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
@@ -43,9 +47,13 @@ def _wrap(module_name: str, module: nn.Module) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, CONV_KINDS):
         return LoraConv(module)
+    if isinstance(module, nn.MultiheadAttention):
+        with _naming_module(module_name):
+            return LoraMultiheadAttention(module)
     raise ValueError(
         f"Target module {module_name!r} is a {type(module).__name__}; lora_engine supports LoRA on "
-        "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding and torch.nn.Conv1d/Conv2d/Conv3d"
+        "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d and "
+        "torch.nn.MultiheadAttention"
     )
 
 
@@ -151,8 +159,13 @@ class LoraModel(nn.Module):
         try:
             self._add_modules_to_save(adapter_name, config, created)
             wrapped = [name for name, _ in self.named_adapter_wrappers()]
-            for module_name in find_targets(self.model, config, skip_within=wrapped):
-                self._add_lora(module_name, adapter_name, config, created)
+            if config.target_modules or not config.target_parameters:  # peft: only parameters when no modules
+                for module_name in find_targets(self.model, config, skip_within=wrapped):
+                    self._add_lora(module_name, adapter_name, config, created)
+            if config.target_parameters is not None:
+                add_parameter_loras(self.model, adapter_name, config, wrapped_bases(self), created)
+            if config.trainable_token_indices is not None:
+                add_trainable_tokens(self.model, adapter_name, config, created)
         except Exception:
             self._roll_back(adapter_name, created)
             raise
@@ -330,6 +343,13 @@ class LoraModel(nn.Module):
         majority_sign_method: str = "total",
     ) -> None:
         """Add ``adapter_name``, the weighted combination of ``adapters``; see ``lora_engine.weighted``."""
+        refused = LoraMultiheadAttention | LoraParameters | TrainableTokens
+        for module_name, layer in self.lora_layers():
+            if isinstance(layer, refused) and any(name in layer.r for name in adapters):
+                raise ValueError(
+                    f"add_weighted_adapter: {module_name!r} holds a {type(layer).__name__} adapter; combining such "
+                    "adapters is not supported yet by lora_engine (peft refuses nn.Parameter targets too)"
+                )
         add_weighted_adapter(
             self,
             adapters,

@@ -14,9 +14,7 @@ PEFT_ONLY_INITS = re.compile(r"loftq|eva|corda|lora_ga|mica")
 FLAGS = ("use_qalora",)
 #: On when not None: peft turns even an empty dict into a default sub-config and enables the variant.
 WHEN_GIVEN = (
-    "trainable_token_indices",
     "layer_replication",
-    "target_parameters",
     "megatron_config",
     "arrow_config",
     "kasa_config",

@@ -305,9 +305,7 @@ def test_layers_pattern_without_layers_to_transform_is_refused():
 
 UNSUPPORTED_OPTIONS = [
     ("use_qalora", True),
-    ("trainable_token_indices", [0, 1]),
     ("layer_replication", [[0, 2], [1, 2]]),
-    ("target_parameters", ["experts.gate_up_proj"]),
     ("megatron_config", {"tensor_model_parallel_size": 2}),
     ("arrow_config", {"top_k": 2}),
     ("kasa_config", {}),

@@ -124,7 +124,7 @@ class LoraLayer(nn.Module):
         return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
-        weight = self.base_layer.weight
+        weight = self.weight  # the adapted weight (a wrapper without a base ``weight`` names its own)
         dtype = weight.dtype if weight.dtype.is_floating_point else None
         for param in self.adapter_parameters(adapter_name):
             param.data = param.data.to(device=weight.device, dtype=dtype or param.dtype)
