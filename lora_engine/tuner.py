@@ -13,15 +13,13 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lora_engine.config import LoraConfig
 from lora_engine.extra_targets import add_parameter_loras, add_trainable_tokens, wrapped_bases
 from lora_engine.layers.base import LoraLayer
-from lora_engine.layers.conv import CONV_KINDS, LoraConv
 from lora_engine.layers.dense import LoraLinear
-from lora_engine.layers.dora import DORA_CLASSES, DoraMixin
-from lora_engine.layers.embedding import LoraEmbedding
+from lora_engine.layers.dispatch import as_dora, check_lora_bias, naming_module, wrap_module
+from lora_engine.layers.dora import DORA_CLASSES
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.multihead_attention import LoraMultiheadAttention
@@ -34,70 +32,6 @@ from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alph
 from lora_engine.weighted import add_weighted_adapter
 
 AdapterWrapper = LoraLayer | ModulesToSaveWrapper
-
-
-def _wrap(module_name: str, module: nn.Module) -> LoraLayer:
-    if type(module).__module__.startswith("bitsandbytes"):
-        from lora_engine.layers.bnb import wrap_bnb_linear  # imports bitsandbytes only for quantized models
-
-        return wrap_bnb_linear(module_name, module)
-    if isinstance(module, nn.Linear | Conv1D):
-        return LoraLinear(module)
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
-    if isinstance(module, CONV_KINDS):
-        return LoraConv(module)
-    if isinstance(module, nn.MultiheadAttention):
-        with _naming_module(module_name):
-            return LoraMultiheadAttention(module)
-    raise ValueError(
-        f"Target module {module_name!r} is a {type(module).__name__}; lora_engine supports LoRA on "
-        "torch.nn.Linear, transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d and "
-        "torch.nn.MultiheadAttention"
-    )
-
-
-@contextmanager
-def _naming_module(module_name: str):
-    """Re-raise a layer's ``ValueError`` with the name of the module it came from in front."""
-    try:
-        yield
-    except ValueError as err:
-        raise ValueError(f"{module_name}: {err}") from err
-
-
-def _as_dora(module_name: str, module: LoraLayer) -> DoraMixin:
-    """The wrapper of ``module_name`` able to hold a DoRA adapter: a plain wrapper is promoted in place."""
-    if isinstance(module, DoraMixin):
-        return module
-    dora_class = DORA_CLASSES.get(type(module))
-    if dora_class is None and type(module).__module__ == "lora_engine.layers.bnb":
-        from lora_engine.layers.dora_bnb import DORA_BNB_CLASSES  # bitsandbytes is already imported then
-
-        dora_class = DORA_BNB_CLASSES.get(type(module))
-    if dora_class is None:
-        raise ValueError(
-            f"use_dora=True on {module_name!r} ({type(module.base_layer).__name__}): DoRA is not supported yet by "
-            "lora_engine on this layer kind; it supports DoRA on torch.nn.Linear, transformers Conv1D, "
-            "torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d and bitsandbytes Linear4bit"
-        )
-    return dora_class.promote(module)
-
-
-def _check_lora_bias(module_name: str, module: LoraLayer) -> None:
-    """``lora_bias`` needs a module ``lora_B`` on an unquantized base (peft's bnb merges also drop the scaling)."""
-    if type(module) not in (LoraLinear, LoraConv):
-        raise ValueError(
-            f"lora_bias=True on {module_name!r} ({type(module.base_layer).__name__}): lora_bias is not supported "
-            "yet by lora_engine on this layer kind; it supports it on torch.nn.Linear, transformers Conv1D and "
-            "torch.nn.Conv1d/Conv2d/Conv3d"
-        )
-    if getattr(module.base_layer, "bias", None) is None:
-        warnings.warn(
-            f"`lora_bias=True` was passed but {module_name!r} ({type(module.base_layer).__name__}) has no bias. "
-            "This means that merging LoRA weights won't be possible.",
-            stacklevel=4,
-        )
 
 
 class LoraModel(nn.Module):
@@ -178,7 +112,7 @@ class LoraModel(nn.Module):
         if isinstance(module, ModulesToSaveWrapper):
             return
         if not isinstance(module, LoraLayer):
-            module = _wrap(module_name, module)
+            module = wrap_module(module_name, module)
             replace_submodule(self.model, module_name, module)
             created.append((module_name, module))
         self._check_fan_in_fan_out(module_name, module, config)
@@ -194,9 +128,9 @@ class LoraModel(nn.Module):
             )
         settings = (r, lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
         if config.use_dora:
-            _as_dora(module_name, module).add_dora_adapter(adapter_name, *settings)
+            as_dora(module_name, module).add_dora_adapter(adapter_name, *settings)
         elif config.lora_bias:
-            _check_lora_bias(module_name, module)
+            check_lora_bias(module_name, module)
             module.add_adapter(adapter_name, *settings, lora_bias=True)
         else:
             module.add_adapter(adapter_name, *settings)
@@ -414,7 +348,7 @@ class LoraModel(nn.Module):
         if safe_merge:
             self.check_merges_finite(adapter_names)
         for module_name, layer in self.lora_layers():
-            with _naming_module(module_name):
+            with naming_module(module_name):
                 layer.merge(adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
@@ -452,7 +386,7 @@ class LoraModel(nn.Module):
         """``safe_merge`` for the whole model: every layer's ``check_merge_finite`` runs before any layer is
         merged. ``ValueError`` naming the module and the adapter; nothing is mutated."""
         for module_name, layer in self.lora_layers():
-            with _naming_module(module_name):
+            with naming_module(module_name):
                 layer.check_merge_finite(adapter_names)
 
     def _unload(
@@ -468,7 +402,7 @@ class LoraModel(nn.Module):
                 replace_submodule(self.model, module_name, wrapper.active_module())
                 continue
             if merge:
-                with _naming_module(module_name):
+                with naming_module(module_name):
                     wrapper.merge(adapter_names=adapter_names)
             replace_submodule(self.model, module_name, wrapper.base_layer)
         if "peft_config" in self.model.__dict__:
