@@ -23,6 +23,7 @@ from lora_engine.config import LoraConfig, PeftConfig
 from lora_engine.file_checks import AdapterFileError, matching_config, read_safetensors_header
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.module_tree import named_modules_outside_adapters
 from lora_engine.peft_format import CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 from lora_engine.serialization import load_adapter_weights
 from lora_engine.targeting import find_targets, rank_and_alpha
@@ -60,8 +61,14 @@ def check_ranks(
     """Before injection: each module ``config`` targets in ``model`` gets the rank the file holds for it, and a
     module the file has no factor for gets a rank no larger than the layer itself. ``AdapterFileError`` naming
     the file, the module and both numbers otherwise. ``config`` is not mutated."""
+    if not config.target_modules and config.target_parameters:
+        # peft: only parameters are targeted then. Their factors' shapes are checked when the weights are copied
+        # in; an absurd r there is not refused before allocation (left open, see the issue-17 note).
+        return
     wrapped = [
-        name for name, module in model.named_modules() if isinstance(module, LoraLayer | ModulesToSaveWrapper)
+        name
+        for name, module in named_modules_outside_adapters(model)
+        if isinstance(module, LoraLayer | ModulesToSaveWrapper)
     ]
     probe = copy.deepcopy(config)
     with warnings.catch_warnings():
