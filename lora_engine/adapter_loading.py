@@ -112,6 +112,26 @@ def _layer_size(module: nn.Module) -> int | None:
     return max(sizes) if sizes else None
 
 
+def _what_a_load_may_touch(model: nn.Module, peft_model) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    """The parameters and modules whose flags loading an adapter may change: every one of ``model`` when there is
+    no ``PeftModel`` yet or ``model`` is in training mode (a load then calls ``eval()`` on all of it); otherwise
+    what lies outside the adapters' own modules plus the active adapters' (a load freezes those). Skipping the
+    other adapters keeps a load flat in the number of adapters loaded."""
+    if peft_model is None or model.training:
+        return list(model.parameters()), list(model.modules())
+    modules = [module for _, module in named_modules_outside_adapters(model)]
+    lora_model = peft_model.base_model
+    for _, wrapper in lora_model.named_adapter_wrappers():
+        for name in lora_model.active_adapters:
+            for adapter_module in wrapper.adapter_modules(name):
+                modules.extend(adapter_module.modules())
+    parameters = {id(param): param for module in modules for param in module.parameters(recurse=False)}
+    for _, wrapper in lora_model.named_adapter_wrappers():
+        for name in lora_model.active_adapters:
+            parameters.update((id(param), param) for param in wrapper.adapter_parameters(name))
+    return list(parameters.values()), modules
+
+
 class ModelSnapshot:
     """What loading an adapter may change in ``model`` (and its ``PeftModel``, if any), to undo it on failure:
     ``requires_grad`` of every parameter, each module's train/eval mode, the adapter names and the active
@@ -119,8 +139,9 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module, peft_model=None) -> None:
         self.model, self.peft_model = model, peft_model
-        self.requires_grad = [(param, param.requires_grad) for param in model.parameters()]
-        self.training = [(module, module.training) for module in model.modules()]
+        parameters, modules = _what_a_load_may_touch(model, peft_model)
+        self.requires_grad = [(param, param.requires_grad) for param in parameters]
+        self.training = [(module, module.training) for module in modules]
         self.adapter_names = set(peft_model.peft_config) if peft_model is not None else set()
         self.active_adapter = (
             copy.copy(peft_model.base_model.active_adapter) if peft_model is not None else None
