@@ -14,7 +14,6 @@ which a grouped weight cannot hold).
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.inits import init_default_factors
 
 CONV_KINDS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -75,11 +75,7 @@ class LoraConv(LoraLayer):
         lora_A, lora_B = self.lora_factors(adapter_name)
         if init_lora_weights is False:  # keep the conv init: the adapter is not a no-op (for tests)
             return
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(lora_A, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        nn.init.zeros_(lora_B)
+        init_default_factors(lora_A, lora_B, r, init_lora_weights)
         if self.lora_bias[adapter_name]:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
 

@@ -43,11 +43,7 @@ class LoraLinear(LoraLayer):
         if inits.is_weight_derived(init_lora_weights):
             self._weight_derived_init(adapter_name, r, init_lora_weights)
             return
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(lora_A, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        nn.init.zeros_(lora_B)
+        inits.init_default_factors(lora_A, lora_B, r, init_lora_weights)
         if self.lora_bias[adapter_name]:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
 

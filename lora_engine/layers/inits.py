@@ -12,12 +12,23 @@ for the random ones, the same seed of torch's global generator) gives bit-identi
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
 PISSA = re.compile(r"pissa(?:_niter_(?P<niter>\d+))?")
 WEIGHT_DERIVED_INITS = ("pissa", "olora", "orthogonal")  # and "pissa_niter_<K>"
+
+
+def init_default_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, init_lora_weights) -> None:
+    """peft's default factors, written in place: ``lora_A`` Gaussian with std ``1/r`` for ``"gaussian"``, else
+    Kaiming-uniform with ``a=√5`` (``nn.Linear``'s init); ``lora_B`` zeros, so a new adapter starts as a no-op."""
+    if init_lora_weights == "gaussian":
+        torch.nn.init.normal_(lora_A, std=1 / r)
+    else:
+        torch.nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    torch.nn.init.zeros_(lora_B)
 
 
 def is_weight_derived(init_lora_weights) -> bool:

@@ -16,13 +16,12 @@ parameter names therefore differ from peft's for the out projection; the files a
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.inits import init_default_factors
 from lora_engine.ops.lora_merge import lora_delta, lora_merge
 
 #: In-memory container → the container name peft saves it under (relative to the wrapper).
@@ -88,13 +87,9 @@ class LoraMultiheadAttention(LoraLayer):
             getattr(self, container_name)[adapter_name] = nn.Linear(in_features, out_features, bias=False)
         if init_lora_weights is False:  # keep nn.Linear's init: the adapter is not a no-op (for tests)
             return
-        for lora_A, _ in (self.lora_factors(adapter_name), self.out_proj_factors(adapter_name)):
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(lora_A, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        for _, lora_B in (self.lora_factors(adapter_name), self.out_proj_factors(adapter_name)):
-            nn.init.zeros_(lora_B)
+        # Zeroing B draws no random numbers, so A-in then A-out are drawn in the same order as peft's.
+        for lora_A, lora_B in (self.lora_factors(adapter_name), self.out_proj_factors(adapter_name)):
+            init_default_factors(lora_A, lora_B, r, init_lora_weights)
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [r, E], B [3E, r])`` of the in-projection."""

@@ -19,13 +19,12 @@ every targeted parameter of the module and saves each one's factors under peft's
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.inits import init_default_factors
 
 
 class _ParameterShape:
@@ -105,11 +104,7 @@ class LoraParameters(LoraLayer):
             lora_A = nn.Linear(shape.in_features, rank, bias=False)
             lora_B = nn.Linear(rank, shape.out_features, bias=False)
             if init_lora_weights is not False:
-                if init_lora_weights == "gaussian":
-                    nn.init.normal_(lora_A.weight, std=1 / r)
-                else:
-                    nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-                nn.init.zeros_(lora_B.weight)
+                init_default_factors(lora_A.weight, lora_B.weight, r, init_lora_weights)
             self.lora_A[name][adapter_name] = lora_A
             self.lora_B[name][adapter_name] = lora_B
 
