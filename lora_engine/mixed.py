@@ -49,21 +49,11 @@ class PeftMixedModel(nn.Module):
                 raise
         return getattr(self.base_model, name)
 
-    @property
-    def peft_config(self) -> dict[str, LoraConfig]:
-        return self.base_model.peft_config
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self.base_model.active_adapter
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
-
+    # The same views of the LoraModel as PeftModel's (PeftMixedModel is not a PeftModel, as in peft).
+    peft_config = PeftModel.peft_config
+    active_adapter = PeftModel.active_adapter
+    active_adapters = PeftModel.active_adapters
+    get_base_model = PeftModel.get_base_model
     get_nb_trainable_parameters = PeftModel.get_nb_trainable_parameters
     print_trainable_parameters = PeftModel.print_trainable_parameters
 

@@ -19,8 +19,8 @@ Each replacement is done by identity (a module global that *is* the library's or
 and configs take exactly the library's own path. A library upgrade that renames or drops one of these raises
 ``UnsupportedLibraryError`` on import of that library module, naming what is missing: never a silent fall-back.
 
-TRL imports peft by itself when peft is installed (``trl/trainer/sft_trainer.py``: ``if is_peft_available():
-from peft import PeftConfig, ...``). Without peft, the modules of ``SFTTrainer``, ``DPOTrainer`` and
+TRL imports peft by itself when peft is installed (``trl/trainer/sft_trainer.py`` takes ``PeftConfig`` and
+others from peft under ``if is_peft_available():``). Without peft, the modules of ``SFTTrainer``, ``DPOTrainer`` and
 ``trl.trainer.utils`` get our classes under the names they would have imported from peft, and an
 ``is_peft_available`` that answers True (else TRL refuses ``peft_config=``): ``_WITHOUT_PEFT`` below. TRL's other
 trainers (GRPO, KTO, RLOO, reward, distillation) are taught only when peft is installed, and are untested.
