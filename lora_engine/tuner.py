@@ -126,7 +126,7 @@ class LoraModel(nn.Module):
             raise ValueError(
                 f"init_lora_weights={init!r} on {module_name!r} "
                 f"({type(module.base_layer).__name__}) is not supported yet by lora_engine; it supports it on "
-                "torch.nn.Linear and transformers Conv1D"
+                + ("torch.nn.Linear" if init == "loftq" else "torch.nn.Linear and transformers Conv1D")
             )
         if init == "loftq":  # the dense layer's init needs the settings, not the name
             init = LoftQConfig(**config.loftq_config)

@@ -91,7 +91,9 @@ def loftq_factors(
     original = weight.detach().to(device=compute_device(weight), dtype=torch.float32)
     residual = original
     for round_index in range(num_iter):
-        dequantized = quantize_roundtrip(residual, num_bits)
+        # As peft: NF4 is quantized on the compute device, int8 on the weight's own device (Int8Params).
+        quantize_on = residual if num_bits == 4 else residual.to(weight.device)
+        dequantized = quantize_roundtrip(quantize_on, num_bits).to(residual.device)
         lora_B, lora_A = low_rank_factors(original - dequantized, r)
         if round_index + 1 < num_iter:
             residual = original - torch.mm(lora_B, lora_A)
