@@ -57,6 +57,14 @@ def test_loftq_config_has_peft_fields_and_defaults():
     assert described(lora_engine.LoftQConfig) == described(peft.LoftQConfig)
 
 
+def test_loftq_names_are_where_peft_has_them():
+    from lora_engine.tuners.lora import LoftQConfig
+    from lora_engine.utils import replace_lora_weights_loftq
+
+    assert LoftQConfig is lora_engine.LoftQConfig
+    assert replace_lora_weights_loftq is lora_engine.replace_lora_weights_loftq
+
+
 def test_loftq_init_without_loftq_config_is_refused_like_peft():
     message = "`loftq_config` must be specified when `init_lora_weights` is 'loftq'."
     with pytest.raises(ValueError, match=message):
