@@ -78,8 +78,9 @@ class LoraLinear(LoraLayer):
         self.lora_B[adapter_name].weight.data = lora_B
 
     def _loftq_init(self, adapter_name: str, r: int, settings: LoftQConfig) -> None:
-        """LoftQ factors (``layers.loftq``); the base weight becomes its dequantized quantized self ``Q``, so the
-        adapted layer starts at ``Q + B A ≈ W`` (without the scaling, as in peft)."""
+        """LoftQ factors (``layers.loftq``): the base weight becomes its dequantized quantized self ``Q`` and
+        ``B A ≈ W − Q``. The forward adds ``s·B A``, so the layer starts nearest ``W`` when ``s = 1``; peft does
+        not fold ``s`` into the factors either."""
         if self.fan_in_fan_out:
             raise ValueError(
                 "init_lora_weights='loftq' on a transformers Conv1D (fan_in_fan_out) is not supported yet by "
