@@ -21,6 +21,8 @@ from lora_engine.config import LoraConfig, PeftConfig, PeftType, TaskType
 from lora_engine.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from lora_engine.integrations import recognition
 from lora_engine.kbit import prepare_model_for_kbit_training
+from lora_engine.loftq import replace_lora_weights_loftq
+from lora_engine.loftq_config import LoftQConfig
 from lora_engine.mapping import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
@@ -76,6 +78,7 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "LoftQConfig",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",
@@ -93,6 +96,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "set_backend",
     "set_peft_model_state_dict",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 from lora_engine import config_checks
 from lora_engine.file_checks import AdapterFileError, read_config_dict
 from lora_engine.layers.inits import is_weight_derived
+from lora_engine.loftq_config import resolve_loftq_config
 from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 from lora_engine.serialization import atomic_write
 from lora_engine.unsupported_options import FLAGS, INIT_CONFIGS, PEFT_ONLY_INITS, WHEN_GIVEN
@@ -204,7 +205,7 @@ class PeftConfig:
         return LoraConfig if cls is PeftConfig else cls
 
 
-_KNOWN_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' or 'orthogonal'"
+_KNOWN_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', 'orthogonal' or 'loftq'"
 
 
 def _is_number(value: Any) -> bool:
@@ -221,7 +222,8 @@ class LoraConfig(PeftConfig):
     set of names (exact or `.`-suffix match); a list or tuple becomes a set, as does `exclude_modules`.
     `init_lora_weights` is True (A kaiming-uniform, B zero), False (both random), "gaussian", or one derived from
     the base weight (dense layers only): "pissa", "pissa_niter_<K>", "olora" (these two replace the base weight
-    by the residual `W − s·B A`) or "orthogonal".
+    by the residual `W − s·B A`) or "orthogonal"; or "loftq" with `loftq_config` (a `LoftQConfig` or its dict), which
+    replaces the base weight by its NF4/int8 round trip `Q` and sets `B A ≈ W − Q`.
 
     `use_dora` turns the adapters into DoRA adapters (Linear, Conv1D, Embedding, Conv1d/2d/3d, 4-bit Linear);
     `lora_bias` gives `lora_B` a bias (not with DoRA, and only with True/False inits, as in peft). Every peft field
@@ -271,6 +273,7 @@ class LoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
+        self.loftq_config = resolve_loftq_config(self.init_lora_weights, self.loftq_config)
         self._check_values()
         self._check_layer_selection()
         self._refuse_unsupported_options()
@@ -324,7 +327,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 "lora_bias=True is not supported for DoRA (use_dora=True); pass one of them only"
             )
-        if init is True or init is False or init == "gaussian" or is_weight_derived(init):
+        if init is True or init is False or init in ("gaussian", "loftq") or is_weight_derived(init):
             return
         if isinstance(init, str) and PEFT_ONLY_INITS.fullmatch(init):
             raise ValueError(

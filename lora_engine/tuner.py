@@ -26,6 +26,7 @@ from lora_engine.layers.multihead_attention import LoraMultiheadAttention
 from lora_engine.layers.parameters import LoraParameters
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
 from lora_engine.layers.trainable_tokens import TrainableTokens
+from lora_engine.loftq_config import LoftQConfig
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha
@@ -117,16 +118,19 @@ class LoraModel(nn.Module):
             created.append((module_name, module))
         self._check_fan_in_fan_out(module_name, module, config)
         r, lora_alpha = rank_and_alpha(module_name, config)
-        if is_weight_derived(config.init_lora_weights) and type(module) not in (
+        init = config.init_lora_weights
+        if (is_weight_derived(init) or init == "loftq") and type(module) not in (
             LoraLinear,
             DORA_CLASSES[LoraLinear],
         ):
             raise ValueError(
-                f"init_lora_weights={config.init_lora_weights!r} on {module_name!r} "
+                f"init_lora_weights={init!r} on {module_name!r} "
                 f"({type(module.base_layer).__name__}) is not supported yet by lora_engine; it supports it on "
-                "torch.nn.Linear and transformers Conv1D"
+                + ("torch.nn.Linear" if init == "loftq" else "torch.nn.Linear and transformers Conv1D")
             )
-        settings = (r, lora_alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        if init == "loftq":  # the dense layer's init needs the settings, not the name
+            init = LoftQConfig(**config.loftq_config)
+        settings = (r, lora_alpha, config.lora_dropout, config.use_rslora, init)
         if config.use_dora:
             as_dora(module_name, module).add_dora_adapter(adapter_name, *settings)
         elif config.lora_bias:

@@ -109,10 +109,10 @@ def test_target_modules_that_match_nothing_are_named(llama_factory):
         ({"r": 0}, "r=0"),
         ({"lora_dropout": 1.5}, "lora_dropout=1.5"),
         ({"bias": "some"}, "bias='some'"),
-        ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq'.*not support"),
+        ({"init_lora_weights": "lora_ga"}, "init_lora_weights='lora_ga'.*not support"),
         ({"use_qalora": True}, "use_qalora=True.*not support"),
     ],
-    ids=["r_zero", "dropout_above_one", "unknown_bias", "loftq_init", "qalora"],
+    ids=["r_zero", "dropout_above_one", "unknown_bias", "lora_ga_init", "qalora"],
 )
 def test_invalid_config_value_is_refused_naming_field_and_value(overrides, named):
     with pytest.raises(ValueError, match=named):

@@ -269,7 +269,7 @@ def test_invalid_task_type_message_lists_the_allowed_ones():
         LoraConfig(task_type="causal_lm")
 
 
-PEFT_ONLY_INITS = ["loftq", "eva", "corda", "lora_ga", "mica"]
+PEFT_ONLY_INITS = ["eva", "corda", "lora_ga", "mica"]
 
 
 @pytest.mark.parametrize("init", PEFT_ONLY_INITS)
@@ -313,7 +313,6 @@ UNSUPPORTED_OPTIONS = [
     ("monteclora_config", {"num_samples": 4}),
     ("use_bdlora", {}),
     ("alora_invocation_tokens", [5, 6]),
-    ("loftq_config", {"loftq_bits": 4}),
     ("eva_config", {"rho": 2.0}),
     ("corda_config", {"corda_method": "kpm"}),
     ("lora_ga_config", {"direction": "ArB2r"}),

@@ -36,8 +36,8 @@ def test_from_import_of_another_method_raises_saying_lora_only():
 
 
 def test_from_import_of_an_unsupported_lora_init_names_it():
-    with pytest.raises(ImportError, match="LoftQConfig is a LoRA initialization \\(LoftQ\\)"):
-        from lora_engine import LoftQConfig  # noqa: F401
+    with pytest.raises(ImportError, match="LoraGAConfig is a LoRA initialization \\(LoRA-GA\\)"):
+        from lora_engine import LoraGAConfig  # noqa: F401
 
 
 def test_unknown_name_is_a_plain_attribute_error():

@@ -14,6 +14,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lora_engine.layers import inits
 from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.loftq import loftq_factors
+from lora_engine.loftq_config import LoftQConfig
 from lora_engine.ops.grouped_lora import grouped_lora
 from lora_engine.ops.lora_linear import lora_linear
 
@@ -43,6 +45,9 @@ class LoraLinear(LoraLayer):
         if inits.is_weight_derived(init_lora_weights):
             self._weight_derived_init(adapter_name, r, init_lora_weights)
             return
+        if isinstance(init_lora_weights, LoftQConfig):
+            self._loftq_init(adapter_name, r, init_lora_weights)
+            return
         inits.init_default_factors(lora_A, lora_B, r, init_lora_weights)
         if self.lora_bias[adapter_name]:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
@@ -69,6 +74,21 @@ class LoraLinear(LoraLayer):
                     weight, r, self.scaling[adapter_name], init, self.fan_in_fan_out
                 )
             weight.data = residual
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
+
+    def _loftq_init(self, adapter_name: str, r: int, settings: LoftQConfig) -> None:
+        """LoftQ factors (``layers.loftq``): the base weight becomes its dequantized quantized self ``Q`` and
+        ``B A ≈ W − Q``. The forward adds ``s·B A``, so the layer starts nearest ``W`` when ``s = 1``; peft does
+        not fold ``s`` into the factors either."""
+        if self.fan_in_fan_out:
+            raise ValueError(
+                "init_lora_weights='loftq' on a transformers Conv1D (fan_in_fan_out) is not supported yet by "
+                "lora_engine: peft's LoftQ factors its [in, out] weight into factors of the wrong shape"
+            )
+        weight = self.base_layer.weight
+        dequantized, lora_A, lora_B = loftq_factors(weight, settings.loftq_bits, r, settings.loftq_iter)
+        weight.data = dequantized
         self.lora_A[adapter_name].weight.data = lora_A
         self.lora_B[adapter_name].weight.data = lora_B
 

@@ -8,10 +8,11 @@ from lora_engine.config import LoraConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.dense import LoraLinear as Linear
 from lora_engine.layers.embedding import LoraEmbedding as Embedding
+from lora_engine.loftq_config import LoftQConfig
 from lora_engine.peft_names import unsupported_name
 from lora_engine.tuner import LoraModel
 
-__all__ = ["Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]
+__all__ = ["Embedding", "Linear", "LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel"]
 
 
 def __getattr__(name: str):

@@ -10,6 +10,7 @@ from lora_engine.config import PeftType, TaskType
 from lora_engine.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from lora_engine.kbit import prepare_model_for_kbit_training
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.loftq import replace_lora_weights_loftq
 from lora_engine.peft_format import BIN_NAME as WEIGHTS_NAME
 from lora_engine.peft_format import CONFIG_NAME
 from lora_engine.peft_format import SAFETENSORS_NAME as SAFETENSORS_WEIGHTS_NAME
@@ -32,6 +33,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "shift_tokens_right",
