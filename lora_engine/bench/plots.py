@@ -73,7 +73,7 @@ def _colors(labels):
 
 
 def _time_panel(axis, results: list[CaseResult], axis_name: str) -> None:
-    lines = _lines(results)
+    lines = _lines([result for result in results if result.case.timed])
     colors = _colors(lines)
     plotted = []
     for label, found in lines.items():
