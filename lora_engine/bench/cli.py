@@ -18,6 +18,7 @@ import datetime
 import gc
 import importlib.util
 import os
+import signal
 import sys
 import time
 import warnings
@@ -68,7 +69,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 #: Families whose ops all have a Triton kernel: what ``--interpret`` runs (DoRA's norm has none).
-INTERPRETED_FAMILIES = ("lora_linear", "qlora", "decode", "train_step", "mixed_batch", "merge", "adapters")
+INTERPRETED_FAMILIES = (
+    "lora_linear",
+    "qlora",
+    "decode",
+    "train_step",
+    "mixed_batch",
+    "merge",
+    "adapters",
+    "memory",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,8 +215,18 @@ def _add_roofline_and_strategy(measured, device, peaks) -> None:
         result.strategy = kernel_choice.dense_strategy(result.case, device)
 
 
+class _Stopped(Exception):
+    """SIGTERM arrived (a ``timeout`` around the run): stop measuring, report what was measured."""
+
+
+def _stop(signum, frame):
+    raise _Stopped
+
+
 def _measure_all(cases, device, mode: str, peak: bool):
-    """``(results, failed cases)``; progress goes to stderr, one line per case."""
+    """``(results, failed cases)``; progress goes to stderr, one line per case. On SIGTERM the cases not yet
+    measured count as failed, and the run reports the others (``gpu_session.sh`` bounds each phase by
+    ``timeout``)."""
     from lora_engine.bench.measure import measure_case
     from lora_engine.bench.timing import PLANS
 
@@ -214,6 +234,7 @@ def _measure_all(cases, device, mode: str, peak: bool):
     # The imported libraries' objects live for the whole run: keep them out of the collection the timing makes
     # before each case (a full one over them takes a third of a second). Unfrozen after, so exit frees them.
     gc.freeze()
+    previous_handler = signal.signal(signal.SIGTERM, _stop)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter(
@@ -229,11 +250,16 @@ def _measure_all(cases, device, mode: str, peak: bool):
                 case_start = time.perf_counter()
                 try:
                     measured.append(measure_case(case, device, PLANS[mode], peak=peak))
+                except _Stopped:
+                    failed += cases[index - 1 :]
+                    print(f"STOPPED (SIGTERM): {len(cases) - index + 1} cases not measured", file=sys.stderr)
+                    break
                 except Exception as error:  # one broken case must not hide the others' figures
                     failed.append(case)
                     print(f"FAILED: {type(error).__name__}: {error}", file=sys.stderr)
                     continue
                 print(f"{time.perf_counter() - case_start:.1f} s", file=sys.stderr)
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         gc.unfreeze()
     return measured, failed

@@ -12,7 +12,17 @@ from lora_engine.bench.shapes import MODES, SHAPES, Shapes
 
 __all__ = ["DROPOUT", "FAMILIES", "MODES", "cases", "mixed_rows"]
 
-FAMILIES = ("lora_linear", "qlora", "decode", "train_step", "mixed_batch", "merge", "adapters", "dora")
+FAMILIES = (
+    "lora_linear",
+    "qlora",
+    "decode",
+    "train_step",
+    "mixed_batch",
+    "merge",
+    "adapters",
+    "memory",
+    "dora",
+)
 DROPOUT = 0.1
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -28,6 +38,7 @@ def cases(device: str, mode: str, families: tuple[str, ...] = FAMILIES) -> list[
         "mixed_batch": _mixed_batch,
         "merge": _merge,
         "adapters": _adapters,
+        "memory": _memory,
         "dora": _dora,
     }
     unknown = sorted(set(families) - set(makers))
@@ -315,7 +326,7 @@ def _merge(shapes: Shapes) -> list[Case]:
 
 
 def _adapters(shapes: Shapes) -> list[Case]:
-    """Switching and loading against the number of adapters loaded, then issue 17's live-memory sequence."""
+    """Switching and loading against the number of adapters loaded."""
     return [
         Case(
             family="adapters",
@@ -332,9 +343,14 @@ def _adapters(shapes: Shapes) -> list[Case]:
             ("load (load_adapter)", model_workloads.adapter_load, shapes.load_adapters),
         )
         for adapters in counts
-    ] + [
+    ]
+
+
+def _memory(shapes: Shapes) -> list[Case]:
+    """Issue 17's live-memory sequence: many adapters loaded, a mixed batch over them, all but one deleted."""
+    return [
         Case(
-            family="adapters",
+            family="memory",
             workload="adapter_memory",
             label="live memory",
             build=model_workloads.adapter_memory,
