@@ -68,19 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Families whose ops all have a Triton kernel: what ``--interpret`` runs (DoRA's norm has none).
-INTERPRETED_FAMILIES = (
-    "lora_linear",
-    "qlora",
-    "decode",
-    "train_step",
-    "mixed_batch",
-    "merge",
-    "adapters",
-    "memory",
-)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns 0, 1 if a case failed, 2 for a usage or installation problem."""
     missing = [name for name in ("peft", "matplotlib") if importlib.util.find_spec(name) is None]
@@ -100,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: torch sees no CUDA device", file=sys.stderr)
         return 2
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    from lora_engine.bench.suite import FAMILIES
+    from lora_engine.bench.suite import FAMILIES, INTERPRETABLE
 
-    known = INTERPRETED_FAMILIES if args.interpret else FAMILIES
+    known = INTERPRETABLE if args.interpret else FAMILIES
     families = tuple(name.strip() for name in args.only.split(",")) if args.only else known
     unknown = sorted(set(families) - set(known))
     if unknown:
