@@ -3,16 +3,27 @@
 #
 #   cd <lora_engine checkout> && bash benchmarks/gpu_session.sh
 #
-# Writes benchmarks/results/gpu-<UTC date>/ (commit it): session.log, checks.txt and the bench's JSON/PNGs.
-# Assumes python3 with CUDA torch + triton, peft and matplotlib installed, no network. Budget: under 8 minutes,
-# each phase under `timeout` so the summary always prints:
-#   1. environment (GPU, versions), ~5 s;
-#   2. checks on CUDA tensors, compiled kernels (never the interpreter), ~2 min: for each strategy (fused, cublas)
-#      forward and every gradient vs the reference at odd shapes and at N=8192 4096->4096 r=16 bf16, dropout 0
-#      and 0.1; the saved mask bit for bit equal to the reference's; backward bitwise equal twice; what `auto`
-#      chose; a CUDA-graph replay of a dropout forward draws a fresh mask;
-#   3. lora-engine bench --device cuda --quick --only lora_linear (ours vs peft vs frozen base), ~4 min.
-# Not yet covered here (see the issue-12 report): running tests/kernel_ops itself on CUDA tensors.
+# Writes benchmarks/results/gpu-<UTC date>/ (commit it): session.log, kernel_tests.txt, checks.txt and one
+# bench-<phase>/ folder of JSON + PNGs per bench phase. Assumes python3 with CUDA torch + triton, peft,
+# bitsandbytes (CUDA), pytest and matplotlib installed, no network; installs lora_engine itself (editable,
+# --no-deps) if it is not importable. Python runs with PYTHONSAFEPATH=1: the project root on sys.path would let
+# our kernels/ folder shadow Hugging Face's `kernels` package. Budget: under 8 minutes on an H200; every phase
+# runs under `timeout`, so a slow phase costs only its own budget and the summary always prints. The budgets are
+# estimates (never run on a GPU yet: the first session tells):
+#   1. environment (GPU, versions), editable install if needed                                      ~15 s
+#   2. tests/kernel_ops on CUDA tensors, compiled kernels, never the interpreter
+#      (benchmarks/kernel_tests_on_cuda.py swaps the tests' interpreter fixture; the offline sm_90a
+#      compile check is left to CI)                                                          budget 110 s
+#   3. checks on CUDA beyond the tests: each strategy (fused, cublas) forward and every gradient vs the reference at
+#      N=8192 4096->4096 r=16 bf16, dropout 0 and 0.1; saved mask == reference's bit for bit; backward bitwise
+#      equal twice; what `auto` chose; a CUDA-graph replay of a dropout forward draws a fresh mask   budget 90 s
+#   4. lora-engine bench --device cuda --quick, each case with its roofline and (dense layers) auto's strategy:
+#      a. lora_linear: ours vs peft vs frozen base at 2048/8192 tokens, dropout 0.1, ranks 16/64 budget 110 s
+#      b. qlora, decode, merge: QLoRA layer fwd(+bwd) and a 4-layer 7B-shaped Llama QLoRA step vs peft+bnb,
+#         dense and NF4 decode at batch 1/4/16, dense and 4-bit merge+unmerge                  budget 80 s
+#      c. mixed_batch, memory: mixed batches of 1/4/8/16/64 adapters; live memory after a mixed batch and after
+#         deleting 99 of 100 adapters (issue 17's targets)                                          budget 60 s
+#   Total of the budgets: 465 s. A bench phase past its budget gets SIGTERM: it prints and writes what it measured.
 set -uo pipefail
 
 ROOT="$(pwd)"
@@ -24,7 +35,7 @@ PY="${PYTHON:-python3}"
 OUT="$ROOT/benchmarks/results/gpu-$(date -u +%Y-%m-%d-%H%M)"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET LORA_ENGINE_BACKEND LORA_ENGINE_LORA_GEMM
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$OUT/.triton_cache}"
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$OUT/.triton_cache}"
 START=$(date +%s)
 say() { echo "=== [$(( $(date +%s) - START ))s] $*"; }
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -32,9 +43,17 @@ exec > >(tee -a "$OUT/session.log") 2>&1
 say "1. environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+if ! "$PY" -c "import lora_engine.kernels.lora_linear, lora_engine.bench.cli" 2>/dev/null; then
+    "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e "$ROOT" || echo "editable install failed"
+fi
 
-say "2. checks on CUDA (compiled kernels)"
-timeout 180 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/checks.txt"
+say "2. tests/kernel_ops on CUDA (compiled kernels, no interpreter)"
+(PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}" timeout 110 "$PY" -m pytest \
+    -p kernel_tests_on_cuda tests/kernel_ops --ignore=tests/kernel_ops/test_kernels_compile_for_h100.py \
+    -q -p no:cacheprovider -rf 2>&1 | tail -40 | tee "$OUT/kernel_tests.txt") || true
+
+say "3. checks on CUDA (compiled kernels)"
+timeout 90 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/checks.txt"
 import os, torch
 from lora_engine.ops.lora_linear import draw_seed, reference_lora_linear, triton_lora_linear
 from lora_engine.reference import lora_linear as reference
@@ -60,7 +79,7 @@ def grads(fn, ops, seed):
     return (out, *torch.autograd.grad(out, [ops[0], ops[3], ops[4]], gy))
 
 gen = torch.Generator(device="cuda").manual_seed(0)
-for shape in [(37, 45, 29, 3), (8192, 4096, 4096, 16)]:
+for shape in [(37, 45, 29, 3), (8192, 4096, 4096, 16)]:  # the odd shape: tests/kernel_ops covers more
     for p in (0.0, 0.1):
         ops = operands(*shape, torch.bfloat16, gen)
         seed = draw_seed(torch.device("cuda"))
@@ -92,8 +111,15 @@ check("CUDA-graph replay draws a fresh dropout mask", not torch.equal(first == 0
 print("FAILED:", failures if failures else "none")
 PYEOF
 
-say "3. lora-engine bench --device cuda --quick --only lora_linear"
-timeout 270 lora-engine bench --device cuda --quick --only lora_linear --out "$OUT" || echo "bench exited $?"
+bench() {  # bench <phase name> <seconds> <families>
+    say "4$1. lora-engine bench --device cuda --quick --only $3 (budget $2 s)"
+    # SIGTERM at the budget: the bench stops, prints and writes what it measured; KILL 30 s later if it cannot.
+    timeout -k 30 "$2" "$PY" -m lora_engine bench --device cuda --quick --only "$3" --out "$OUT/bench-$1" \
+        || echo "bench $1 exited $?"
+}
+bench a 110 lora_linear
+bench b 80 qlora,decode,merge
+bench c 60 mixed_batch,memory
 
 say "done: results in $OUT"
 rm -rf "$OUT/.triton_cache"

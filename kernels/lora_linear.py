@@ -62,7 +62,7 @@ from ._utils import on_device, row_class
 from .fused_linear import fused_linear
 from .low_rank import outer, project
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "forward", "strategy_for"]
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,13 @@ def _strategy_key(n_rows, x, lora_A, lora_B):
         lora_A.dtype,
         x.device,
     )
+
+
+def strategy_for(n_rows: int, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str | None:
+    """Read-only: the strategy a dense call with ``n_rows`` rows of ``x``'s width, dtype and device and these
+    adapters runs (``strategy.current``; None: ``auto`` has not timed it yet). Only shapes, dtypes and devices are
+    read, so empty ``[0, in]``, ``[r, in]``, ``[out, r]`` tensors will do."""
+    return strategy.current(_strategy_key(n_rows, x, lora_A, lora_B), n_rows, x.device)
 
 
 def _base_and_expand(strategy_name, x_rows, base_weight, bias, xa, lora_B, scaling):

@@ -45,15 +45,9 @@ def choose(
     ``candidates`` maps each strategy to a thunk running it (timed on the first CUDA call for ``key``); the
     backward passes None and gets the forward's choice.
     """
-    setting = requested()
-    if setting != "auto":
-        return setting
-    if n_rows <= SMALL_ROWS:
-        return "cublas"
-    if device.type != "cuda":
-        return "fused"
-    if key in _chosen:
-        return _chosen[key]
+    known = current(key, n_rows, device)
+    if known is not None:
+        return known
     if candidates is None or torch.cuda.is_current_stream_capturing():
         return "cublas"
     import triton.testing
@@ -61,6 +55,20 @@ def choose(
     timings = {name: triton.testing.do_bench(run, warmup=5, rep=20) for name, run in candidates.items()}
     _chosen[key] = min(timings, key=timings.get)
     return _chosen[key]
+
+
+def current(key: Hashable, n_rows: int, device: torch.device) -> str | None:
+    """What ``choose`` answers for this call without timing anything: the forced setting, ``"cublas"`` for ≤ 64
+    rows, ``"fused"`` off CUDA, ``auto``'s cached choice for ``key``; None where ``auto`` has not timed ``key``
+    yet. Read-only."""
+    setting = requested()
+    if setting != "auto":
+        return setting
+    if n_rows <= SMALL_ROWS:
+        return "cublas"
+    if device.type != "cuda":
+        return "fused"
+    return _chosen.get(key)
 
 
 def chosen() -> dict[Hashable, str]:

@@ -20,10 +20,12 @@ CPU = torch.device("cpu")
 
 
 def _one_case_per_line() -> list:
-    """The first sweep point of every (family, label): every workload and variant, once."""
+    """The first sweep point of every (family, label): every timed workload and variant, once (the untimed
+    live-memory case has its own test)."""
     first = {}
     for case in suite.cases("cpu", "smoke"):
-        first.setdefault((case.family, case.label), case)
+        if case.timed:
+            first.setdefault((case.family, case.label), case)
     return list(first.values())
 
 
@@ -35,7 +37,10 @@ def _lora_saved_bytes(case) -> int:
     params = case.params
     itemsize = params["dtype"].itemsize
     dropout = params.get("dropout", 0.0) > 0.0
-    if case.family == "train_step":  # all-linear on Llama: q/k/v share one input, gate/up another
+    if case.workload in (
+        "train_step",
+        "qlora_train_step",
+    ):  # all-linear: q/k/v share one input, gate/up another
         spec, tokens = params["spec"], params["batch"] * params["seq"]
         per_layer = (3 * spec.hidden + spec.intermediate + 7 * params["r"]) * itemsize
         if dropout:  # q, k, v, o, gate and up read hidden features, down the intermediate ones
@@ -98,6 +103,16 @@ def test_cuda_training_step_runs_in_bf16_under_autocast(case):
         assert {factor.dtype for factor in factors} == {torch.float32}, impl
         assert output_dtypes == {torch.bfloat16}, impl
         assert torch.isfinite(loss), impl
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_live_memory_case_counts_the_base_and_every_adapter():
+    (case,) = [case for case in suite.cases("cpu", "smoke", ("memory",))]
+    for impl in case.impls:
+        figures = build_runner(case, impl, CPU).run()
+        adapters = case.params["adapters"]
+        assert figures["base"] > 0 and figures["one_adapter"] > 0, impl
+        assert figures["loaded"] - figures["base"] == adapters * figures["one_adapter"], impl
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -32,3 +32,19 @@ def test_paired_ratios_divide_out_a_slow_round_that_hit_both_sides():
     ours = Stats.of([1.0, 1.0, 5.0, 1.0, 1.0], inner=1)
     peft = Stats.of([2.0, 2.0, 10.0, 2.0, 2.0], inner=1)
     assert paired_ratio_spread(ours, peft) == (0.5, 0.5, 0.5)
+
+
+def test_live_memory_targets_are_checked_on_every_device():
+    from lora_engine.bench import suite
+    from lora_engine.bench.measure import CaseResult
+    from lora_engine.bench.targets import check_targets
+
+    (case,) = [case for case in suite.cases("cpu", "smoke", ("memory",))]
+    # A stacked copy of every adapter kept after the batch, and one adapter's cache left after the deletes.
+    figures = {"base": 100, "before_batch": 400, "after_batch": 700, "after_deletes": 300, "one_adapter": 100}
+    result = CaseResult(case, {}, None, None, None, None, None, None, {"ours": figures, "peft": figures})
+    for device in ("cpu", "cuda"):
+        verdicts = {
+            check.target.key: (check.value, check.met) for check in check_targets([result], device, {})
+        }
+        assert verdicts == {"live-after-mixed-batch": (1.75, False), "live-after-deletes": (2.0, False)}

@@ -68,12 +68,17 @@ def nf4_linear(
 ) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` (NF4, double quantization, as QLoRA uses it) quantized from
     ``dense_linear``'s weights; quantization is deterministic, so the same seed gives the same packed weight."""
+    return nf4_from_dense(dense_linear(in_features, out_features, compute_dtype, device, seed), compute_dtype)
+
+
+def nf4_from_dense(dense: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """``dense`` (bias-free) quantized to a frozen bitsandbytes ``Linear4bit``: NF4, double quantization,
+    computing in ``compute_dtype``, on ``dense``'s device."""
     import bitsandbytes as bnb
 
-    dense = dense_linear(in_features, out_features, compute_dtype, device, seed)
     layer = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
+        dense.in_features,
+        dense.out_features,
         bias=False,
         compute_dtype=compute_dtype,
         compress_statistics=True,
@@ -83,8 +88,21 @@ def nf4_linear(
     weight = bnb.nn.Params4bit(
         dense.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
     )
-    layer.weight = weight.to(device)  # moving an unquantized Params4bit quantizes it
+    layer.weight = weight.to(dense.weight.device)  # moving an unquantized Params4bit quantizes it
     return layer
+
+
+def quantize_decoder_linears(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """``model`` (a transformers causal LM, mutated) with every ``nn.Linear`` of its decoder layers replaced by
+    ``nf4_from_dense`` of it, and flagged as loaded in 4-bit as transformers' quantized loading flags it (the
+    embeddings and ``lm_head`` stay dense, as QLoRA keeps them)."""
+    for layer in model.model.layers:
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent_name), child, nf4_from_dense(module, compute_dtype))
+    model.is_loaded_in_4bit = True
+    return model
 
 
 def base_layer(

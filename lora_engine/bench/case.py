@@ -25,7 +25,8 @@ class Case:
     ``family`` groups cases into one report section and one PNG; ``label`` is the case's line in that plot;
     ``workload`` is the issue's workload name (one pytest-benchmark file each); ``sweep`` is the plot's x axis,
     ``(axis name, value)``. ``deterministic`` is False where the implementations draw different random numbers
-    (dropout), so their outputs are not compared.
+    (dropout), so their outputs are not compared. ``timed`` is False for a case that reports figures instead of
+    a time: its runner's ``run()`` is called once and returns ``{figure name: value}``.
     """
 
     family: str
@@ -38,6 +39,7 @@ class Case:
     sweep: tuple[str, int]
     impls: tuple[str, ...] = IMPLS
     deterministic: bool = True
+    timed: bool = True
 
     @property
     def name(self) -> str:
@@ -54,7 +56,7 @@ class Runner:
     """One implementation of a case, ready to run.
 
     - ``run()``: the timed call. Returns what to compare across implementations (a tensor, a tuple of tensors)
-      or None.
+      or None; for an untimed case (``Case.timed`` False), the figures ``{name: value}`` of its one call.
     - ``reset()``: untimed, before every timed call; restores state a call changed (e.g. deletes the adapter a
       load added). None when calls leave the state as they found it.
     - ``forward()``: the grad-enabled forward alone, for counting the bytes saved for backward; None for

@@ -29,6 +29,12 @@ class CaseResult:
     peak_kind: str | None
     parity: dict | None
     bytes_moved: int | None
+    #: An untimed case's figures per implementation (``Case.timed``); None for a timed one.
+    figures: dict[str, dict[str, float]] | None = None
+    #: CUDA sweeps only: the roofline model's least time of one call (``roofline``), and the strategy the
+    #: dense LoRA linear ran (``kernel_choice``); None elsewhere.
+    roofline_s: float | None = None
+    strategy: str | None = None
 
     def ratio(self, figure: str, impl: str = "ours", other: str = "peft") -> float | None:
         """``impl``'s figure over ``other``'s: ``"time"`` (median), ``"saved"`` or ``"peak"``."""
@@ -61,6 +67,13 @@ class CaseResult:
 
 def measure_case(case: Case, device: torch.device, plan: TimingPlan, peak: bool = True) -> CaseResult:
     """All figures of ``case`` on ``device``. ``peak=False`` skips the peak-memory measurement."""
+    if not case.timed:
+        figures = {}
+        for impl in case.impls:  # one after the other: each measures what it holds alone
+            runner = build_runner(case, impl, device)
+            figures[impl] = runner.run()
+            runner.close()
+        return CaseResult(case, {}, None, None, None, None, None, None, figures)
     runners = {impl: build_runner(case, impl, device) for impl in case.impls}
     stats, first_outputs = time_interleaved(runners, plan, device)
     parity = None

@@ -4,6 +4,9 @@
   through ``torch.autograd.graph.saved_tensors_hooks``. Each storage counts once however many tensors view it
   (``x`` saved by q, k and v projections counts once); parameters never count (they exist anyway). Exact and the
   same on every device.
+- **Live**: the bytes of every tensor alive now. On CUDA ``memory_allocated``; on the CPU the distinct storages of
+  every tensor the garbage collector can see (so a cache anywhere counts). Only differences between two such
+  readings mean something: other objects of the process count too.
 - **Peak**: the most memory one call holds above what was held before it. On CUDA ``max_memory_allocated``
   around the call, in this process. On the CPU the peak resident set size (``VmHWM``, reset through
   ``/proc/self/clear_refs``) of a child process that builds the one implementation alone, with glibc told to
@@ -75,6 +78,30 @@ def saved_tensor_bytes(
             output = forward()
         del output
     return sum(saved.values())
+
+
+def live_tensor_bytes(device: torch.device) -> int:
+    """Bytes of live tensors on ``device`` after a full collection (see the module docstring)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    storages = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on some of torch's lazy module attributes warns
+        tensors = [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, torch.Tensor)
+            and obj.device.type == device.type
+            and not isinstance(obj, FakeTensor)
+        ]
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _step(depth: list[int], delta: int) -> None:

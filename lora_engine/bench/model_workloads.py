@@ -1,5 +1,6 @@
-"""Workloads on a whole Llama with LoRA on every linear layer: a training step, a mixed-adapter batch, and the
-adapter registry (switching the active adapter, loading one from disk) against the number of adapters loaded."""
+"""Workloads on a whole Llama with LoRA on every linear layer: a training step (dense or 4-bit base), a
+mixed-adapter batch, the adapter registry (switching the active adapter, loading one from disk) against the
+number of adapters loaded, and the live memory of many adapters (issue 17)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,22 @@ from lora_engine.bench.builders import (
     llama,
     lora_api,
     lora_layers,
+    quantize_decoder_linears,
     token_batches,
     trainable_parameters,
     with_lora,
 )
 from lora_engine.bench.case import Runner
+from lora_engine.bench.memory import live_tensor_bytes
 
 #: Batches a runner rotates through, so that no call reuses the previous call's input.
 BATCHES = 4
 
 
-def _lora_llama(impl, device, spec, dtype, r, adapters=1, dropout=0.0):
+def _lora_llama(impl, device, spec, dtype, r, adapters=1, dropout=0.0, base="dense"):
     model = llama(spec, dtype, device)
+    if base == "nf4":
+        quantize_decoder_linears(model, dtype)
     return with_lora(
         impl,
         model,
@@ -50,13 +55,15 @@ def train_step(
     dropout: float,
     dtype: torch.dtype,
     autocast: torch.dtype | None,
+    base: str = "dense",
 ) -> Runner:
     """One optimizer step: causal-LM loss on ``[batch, seq]`` tokens, backward, AdamW on the LoRA factors.
 
     ``autocast`` runs the forward under ``torch.autocast`` in that dtype (as transformers' Trainer does with
-    ``bf16=True``); None runs it in the model's dtype.
+    ``bf16=True``); None runs it in the model's dtype. ``base="nf4"``: QLoRA, the decoder's linears quantized
+    to bitsandbytes NF4 (``quantize_decoder_linears``).
     """
-    model = _lora_llama(impl, device, spec, dtype, r, dropout=dropout)
+    model = _lora_llama(impl, device, spec, dtype, r, dropout=dropout, base=base)
     model.train()
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     batches = token_batches(BATCHES, batch, seq, spec.vocab, device)
@@ -140,6 +147,47 @@ def adapter_load(
         reset=reset,
         keep=[folder],
     )
+
+
+def adapter_memory(
+    impl: str,
+    device: torch.device,
+    *,
+    spec: LlamaSpec,
+    adapters: int,
+    seq: int,
+    r: int,
+    dtype: torch.dtype,
+) -> Runner:
+    """Untimed: live tensor bytes (``memory.live_tensor_bytes``) along issue 17's sequence, each a difference
+    from before the base model was built. ``base``: the base model alone; ``loaded``: with ``adapters``
+    adapters; ``before_batch`` / ``after_batch``: around one mixed batch with one row per adapter (``seq``
+    tokens each); ``after_deletes``: after deleting all adapters but ``a0``; ``one_adapter``: the parameter
+    bytes of one adapter."""
+
+    def scenario() -> dict[str, int]:
+        start = live_tensor_bytes(device)
+        model = llama(spec, dtype, device)
+        figures = {"base": live_tensor_bytes(device) - start}
+        model = with_lora(impl, model, adapters=adapters, target_modules="all-linear", r=r, lora_alpha=2 * r)
+        model.eval()
+        figures["loaded"] = figures["before_batch"] = live_tensor_bytes(device) - start
+        names = [f"a{index}" for index in range(adapters)]
+        (input_ids,) = token_batches(1, adapters, seq, spec.vocab, device)
+        with torch.no_grad():
+            model(input_ids=input_ids, adapter_names=names, use_cache=False)  # the output is dropped at once
+        figures["after_batch"] = live_tensor_bytes(device) - start
+        for name in names[1:]:
+            model.delete_adapter(name)
+        figures["after_deletes"] = live_tensor_bytes(device) - start
+        figures["one_adapter"] = sum(
+            param.numel() * param.element_size()
+            for name, param in model.named_parameters()
+            if ".lora_A.a0." in name or ".lora_B.a0." in name
+        )
+        return figures
+
+    return Runner(run=scenario)
 
 
 def write_adapter_folder(folder: Path, model: torch.nn.Module, adapter_name: str, **config) -> None:

@@ -24,7 +24,8 @@ def plot_families(results: list[CaseResult], out_dir: Path, stem: str, title: st
 
     by_family: dict[str, list[CaseResult]] = defaultdict(list)
     for result in results:
-        by_family[result.case.family].append(result)
+        if result.case.timed:  # an untimed case's figures are in the table and the JSON, not on a time axis
+            by_family[result.case.family].append(result)
     paths = []
     for family, family_results in by_family.items():
         axes_names = list(dict.fromkeys(result.case.sweep[0] for result in family_results))

@@ -113,6 +113,9 @@ def result_record(result: CaseResult, checks: list[Check]) -> dict:
         "peak_kind": result.peak_kind,
         "bytes_moved": result.bytes_moved,
         "parity": result.parity,
+        "figures": result.figures,
+        "roofline_s": result.roofline_s,
+        "strategy": result.strategy,
         "targets": [
             {
                 "target": check.target.key,

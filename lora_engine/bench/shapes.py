@@ -37,6 +37,11 @@ class Shapes:
     train_batch: int
     train_seq: tuple[int, ...]
     train_autocast: torch.dtype | None
+    qlora_train_seq: tuple[
+        int, ...
+    ]  # the QLoRA training step (NF4 decoder linears) at these sequence lengths
+    #: A mixed batch is ``mixed_batch × mixed_seq`` tokens; with more adapters than rows, one row per adapter and
+    #: the same token count (``suite.mixed_rows``).
     mixed_batch: int
     mixed_seq: int
     mixed_adapters: tuple[int, ...]
@@ -45,6 +50,8 @@ class Shapes:
     dora_tokens: tuple[int, ...]
     #: ``load_adapter`` is timed with these loaded: the last is 99 in the CPU sweeps, issue 17's "100th load".
     load_adapters: tuple[int, ...]
+    #: Live memory with this many adapters, after a mixed batch over them, and after deleting all but one.
+    memory_adapters: int = 100
 
 
 _SMOKE = Shapes(
@@ -64,6 +71,7 @@ _SMOKE = Shapes(
     train_batch=2,
     train_seq=(8,),
     train_autocast=None,
+    qlora_train_seq=(8,),
     mixed_batch=4,
     mixed_seq=8,
     mixed_adapters=(1, 2),
@@ -71,6 +79,7 @@ _SMOKE = Shapes(
     dora_layer=(64, 64),
     dora_tokens=(8,),
     load_adapters=(1, 2),
+    memory_adapters=3,
 )
 
 _CPU_QUICK = Shapes(
@@ -90,9 +99,10 @@ _CPU_QUICK = Shapes(
     train_batch=2,
     train_seq=(64, 128, 256),
     train_autocast=None,
+    qlora_train_seq=(64,),
     mixed_batch=16,
     mixed_seq=32,
-    mixed_adapters=(1, 4, 8, 16),
+    mixed_adapters=(1, 4, 8, 16, 64),
     loaded_adapters=(1, 4, 16, 64),
     dora_layer=(4096, 4096),
     dora_tokens=(512,),
@@ -110,7 +120,8 @@ _CPU_FULL = replace(
     merge_out=(256, 1024, 2752, 4096),
     llama=LlamaSpec(hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4, vocab=8192),
     train_seq=(64, 128, 256, 512),
-    mixed_adapters=(1, 2, 4, 8, 16),
+    qlora_train_seq=(128, 512),
+    mixed_adapters=(1, 2, 4, 8, 16, 64),
     loaded_adapters=(1, 4, 16, 64, 128),
     load_adapters=(1, 4, 16, 64, 99, 128),
 )
@@ -132,9 +143,10 @@ _CUDA_FULL = Shapes(
     train_batch=1,
     train_seq=(1024, 2048, 4096, 8192, 16384),
     train_autocast=torch.bfloat16,
+    qlora_train_seq=(2048, 8192),
     mixed_batch=16,
     mixed_seq=128,
-    mixed_adapters=(1, 2, 4, 8, 16),
+    mixed_adapters=(1, 2, 4, 8, 16, 64),
     loaded_adapters=(1, 8, 32, 128),
     dora_layer=(4096, 4096),
     dora_tokens=(512, 4096),
@@ -147,11 +159,12 @@ _CUDA_QUICK = replace(
     ranks=(16, 64),
     more_layers=(),
     decode_layers=((4096, 4096),),
-    decode_tokens=(1, 16),
-    qlora_tokens=(2048, 8192),
+    decode_tokens=(1, 4, 16),
+    qlora_tokens=(8192,),
     merge_out=(4096, 11008),
     train_seq=(2048, 8192),
-    mixed_adapters=(1, 8, 16),
+    qlora_train_seq=(2048,),
+    mixed_adapters=(1, 4, 8, 16, 64),
     loaded_adapters=(1, 16, 64),
     load_adapters=(1, 16, 64, 99),
 )
@@ -160,8 +173,15 @@ SHAPES = {
     ("cpu", "smoke"): _SMOKE,
     ("cpu", "quick"): _CPU_QUICK,
     ("cpu", "full"): _CPU_FULL,
+    # Layer cases above 64 rows, where the dense strategy is chosen (at most 64 rows always take cublas: decode).
     ("cuda", "smoke"): replace(
-        _SMOKE, dtype=torch.bfloat16, adapter_autocast=False, train_autocast=torch.bfloat16
+        _SMOKE,
+        dtype=torch.bfloat16,
+        adapter_autocast=False,
+        train_autocast=torch.bfloat16,
+        tokens=(72,),
+        ranks=(8,),
+        decode_tokens=(1,),
     ),
     ("cuda", "quick"): _CUDA_QUICK,
     ("cuda", "full"): _CUDA_FULL,

@@ -10,9 +10,22 @@ from lora_engine.bench import layer_workloads, model_workloads
 from lora_engine.bench.case import IMPLS, Case
 from lora_engine.bench.shapes import MODES, SHAPES, Shapes
 
-__all__ = ["DROPOUT", "FAMILIES", "MODES", "cases"]
+__all__ = ["DROPOUT", "FAMILIES", "INTERPRETABLE", "MODES", "cases", "mixed_rows"]
 
-FAMILIES = ("lora_linear", "qlora", "decode", "train_step", "mixed_batch", "merge", "adapters", "dora")
+FAMILIES = (
+    "lora_linear",
+    "qlora",
+    "decode",
+    "train_step",
+    "mixed_batch",
+    "merge",
+    "adapters",
+    "memory",
+    "dora",
+)
+#: The families ``lora-engine bench --interpret`` can run: every op they call has a Triton kernel (DoRA's norm has
+#: none, and the triton backend refuses an op without one).
+INTERPRETABLE = tuple(family for family in FAMILIES if family != "dora")
 DROPOUT = 0.1
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -28,6 +41,7 @@ def cases(device: str, mode: str, families: tuple[str, ...] = FAMILIES) -> list[
         "mixed_batch": _mixed_batch,
         "merge": _merge,
         "adapters": _adapters,
+        "memory": _memory,
         "dora": _dora,
     }
     unknown = sorted(set(families) - set(makers))
@@ -175,6 +189,7 @@ def _dora(shapes: Shapes) -> list[Case]:
 
 
 def _qlora(shapes: Shapes) -> list[Case]:
+    """The 4-bit LoRA layer (forward, forward + backward) and a tiny Llama's QLoRA training step."""
     return [
         _layer_case(
             shapes,
@@ -191,6 +206,9 @@ def _qlora(shapes: Shapes) -> list[Case]:
         )
         for training in (False, True)
         for tokens in shapes.qlora_tokens
+    ] + [
+        _train_step_case(shapes, "qlora", "qlora_train_step", "QLoRA training step", seq, 0.0, base="nf4")
+        for seq in shapes.qlora_train_seq
     ]
 
 
@@ -216,55 +234,75 @@ def _decode(shapes: Shapes) -> list[Case]:
 
 
 def _train_step(shapes: Shapes) -> list[Case]:
-    dtype = DTYPE_NAMES[shapes.dtype]
-    if shapes.train_autocast is not None:
-        dtype += f", autocast {DTYPE_NAMES[shapes.train_autocast]}"
     return [
-        Case(
-            family="train_step",
-            workload="train_step",
-            label=f"dropout {dropout}",
-            build=model_workloads.train_step,
-            params=dict(
-                spec=shapes.llama,
-                batch=shapes.train_batch,
-                seq=seq,
-                r=shapes.rank,
-                dropout=dropout,
-                dtype=shapes.dtype,
-                autocast=shapes.train_autocast,
-            ),
-            shape=f"{shapes.llama.describe()} {shapes.train_batch}x{seq} r={shapes.rank}",
-            dtype=dtype,
-            sweep=("tokens", shapes.train_batch * seq),
-            deterministic=dropout == 0.0,
-        )
+        _train_step_case(shapes, "train_step", "train_step", f"dropout {dropout}", seq, dropout)
         for dropout in (0.0, DROPOUT)
         for seq in shapes.train_seq
     ]
 
 
+def _train_step_case(shapes, family, workload, label, seq, dropout, base="dense") -> Case:
+    dtype = DTYPE_NAMES[shapes.dtype]
+    if shapes.train_autocast is not None:
+        dtype += f", autocast {DTYPE_NAMES[shapes.train_autocast]}"
+    params = dict(
+        spec=shapes.llama,
+        batch=shapes.train_batch,
+        seq=seq,
+        r=shapes.rank,
+        dropout=dropout,
+        dtype=shapes.dtype,
+        autocast=shapes.train_autocast,
+    )
+    if base != "dense":
+        params["base"] = base
+    return Case(
+        family=family,
+        workload=workload,
+        label=label,
+        build=model_workloads.train_step,
+        params=params,
+        shape=f"{shapes.llama.describe()}{' NF4' if base == 'nf4' else ''} {shapes.train_batch}x{seq} "
+        f"r={shapes.rank}",
+        dtype=dtype,
+        sweep=("tokens", shapes.train_batch * seq),
+        deterministic=dropout == 0.0,
+    )
+
+
+def mixed_rows(shapes: Shapes, adapters: int) -> tuple[int, int]:
+    """``(rows, seq)`` of a mixed batch over ``adapters`` adapters: ``mixed_batch × mixed_seq``, or one row per
+    adapter when there are more adapters than rows, at the same token count."""
+    rows = max(shapes.mixed_batch, adapters)
+    return rows, max(1, shapes.mixed_batch * shapes.mixed_seq // rows)
+
+
 def _mixed_batch(shapes: Shapes) -> list[Case]:
-    return [
-        Case(
-            family="mixed_batch",
-            workload="mixed_batch",
-            label=f"{shapes.mixed_batch}x{shapes.mixed_seq} tokens",
-            build=model_workloads.mixed_batch,
-            params=dict(
-                spec=shapes.llama,
-                batch=shapes.mixed_batch,
-                seq=shapes.mixed_seq,
-                adapters=adapters,
-                r=shapes.rank,
-                dtype=shapes.dtype,
-            ),
-            shape=f"{shapes.llama.describe()} {shapes.mixed_batch}x{shapes.mixed_seq} {adapters} adapters",
-            dtype=_dtype_name(replace(shapes, adapter_autocast=True)),
-            sweep=("adapters", adapters),
+    """Row ``b`` runs adapter ``b % adapters``; every adapter count has the same token count (``mixed_rows``),
+    so that the time is flat in the number of adapters where the work is."""
+    found = []
+    for adapters in shapes.mixed_adapters:
+        rows, seq = mixed_rows(shapes, adapters)
+        found.append(
+            Case(
+                family="mixed_batch",
+                workload="mixed_batch",
+                label=f"{rows * seq} tokens",
+                build=model_workloads.mixed_batch,
+                params=dict(
+                    spec=shapes.llama,
+                    batch=rows,
+                    seq=seq,
+                    adapters=adapters,
+                    r=shapes.rank,
+                    dtype=shapes.dtype,
+                ),
+                shape=f"{shapes.llama.describe()} {rows}x{seq} {adapters} adapters",
+                dtype=_dtype_name(replace(shapes, adapter_autocast=True)),
+                sweep=("adapters", adapters),
+            )
         )
-        for adapters in shapes.mixed_adapters
-    ]
+    return found
 
 
 def _merge(shapes: Shapes) -> list[Case]:
@@ -291,6 +329,7 @@ def _merge(shapes: Shapes) -> list[Case]:
 
 
 def _adapters(shapes: Shapes) -> list[Case]:
+    """Switching and loading against the number of adapters loaded."""
     return [
         Case(
             family="adapters",
@@ -307,4 +346,24 @@ def _adapters(shapes: Shapes) -> list[Case]:
             ("load (load_adapter)", model_workloads.adapter_load, shapes.load_adapters),
         )
         for adapters in counts
+    ]
+
+
+def _memory(shapes: Shapes) -> list[Case]:
+    """Issue 17's live-memory sequence: many adapters loaded, a mixed batch over them, all but one deleted."""
+    return [
+        Case(
+            family="memory",
+            workload="adapter_memory",
+            label="live memory",
+            build=model_workloads.adapter_memory,
+            params=dict(
+                spec=shapes.llama, adapters=shapes.memory_adapters, seq=4, r=shapes.rank, dtype=shapes.dtype
+            ),
+            shape=f"{shapes.llama.describe()} {shapes.memory_adapters} loaded, mixed batch, "
+            f"{shapes.memory_adapters - 1} deleted",
+            dtype=_dtype_name(replace(shapes, adapter_autocast=True)),
+            sweep=("adapters loaded", shapes.memory_adapters),
+            timed=False,
+        )
     ]

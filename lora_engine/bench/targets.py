@@ -1,7 +1,8 @@
 """The performance targets, checked against a run's figures and reported beside them as met / not met.
 
 They are goals, never test assertions. CPU targets hold for the reference backend (the only one on the CPU);
-GPU targets are for the Triton kernels and are checked only on a CUDA run.
+GPU targets are for the Triton kernels and are checked only on a CUDA run; ``"any"`` targets (memory, which does
+not depend on the device) on every run.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Target:
     """``checks(results, context)`` picks the cases the target is about and computes its figure on each."""
 
     key: str
-    device: str
+    device: str  # "cpu", "cuda" or "any"
     text: str
     short: str
     limit: float
@@ -112,6 +113,30 @@ def _flatness(label):
     return checks
 
 
+def _live_memory(figure):
+    """A check on ours in each live-memory case: ``figure(ours' figures)``, exact (no spread)."""
+
+    def checks(results, context):
+        found = []
+        for result in results:
+            if result.case.workload == "adapter_memory" and result.figures and "ours" in result.figures:
+                value = figure(result.figures["ours"])
+                found.append((result, value, (value, value)))
+        return found
+
+    return checks
+
+
+def growth_over_batch(figures: dict) -> float:
+    """Live bytes after a mixed batch over those before it."""
+    return figures["after_batch"] / figures["before_batch"]
+
+
+def adapters_left(figures: dict) -> float:
+    """Live bytes beyond the base alone after deleting all adapters but one, in units of one adapter's bytes."""
+    return (figures["after_deletes"] - figures["base"]) / figures["one_adapter"]
+
+
 def _merge_bandwidth(results, context):
     """Bytes a dense merge + unmerge must move over its time, as a fraction of the measured copy bandwidth."""
     copy_bandwidth = context.get("copy_bandwidth_bytes_per_s")
@@ -134,6 +159,24 @@ def _saved_with_dropout_gpu(results, context):
 
 
 TARGETS = (
+    Target(
+        "live-after-mixed-batch",
+        "any",
+        "many adapters: live memory after a mixed batch over all of them at most 1.1x before it (no stacked copy)",
+        "target after/before batch",
+        1.1,
+        False,
+        _live_memory(growth_over_batch),
+    ),
+    Target(
+        "live-after-deletes",
+        "any",
+        "after deleting all adapters but one: live memory beyond the base alone at most 1.1x one adapter's bytes",
+        "target adapters left",
+        1.1,
+        False,
+        _live_memory(adapters_left),
+    ),
     Target(
         "cpu-train-step-time",
         "cpu",
@@ -224,6 +267,6 @@ def check_targets(results: list[CaseResult], device: str, context: dict) -> list
     return [
         Check(target, result, value, value_spread)
         for target in TARGETS
-        if target.device == device
+        if target.device in (device, "any")
         for result, value, value_spread in target.checks(results, context)
     ]

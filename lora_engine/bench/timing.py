@@ -24,7 +24,9 @@ from lora_engine.bench.case import Runner
 class TimingPlan:
     """How long to time one case: at least ``min_rounds`` rounds (one sample per implementation each), then
     on until ``budget_s`` seconds per implementation are spent or ``max_rounds`` are done. ``cap_s`` bounds a
-    case's timing on a busy machine: past it, no new round starts once ``MIN_ROUNDS_UNDER_CAP`` are done."""
+    case's timing on a busy machine: past it, no new round starts once ``MIN_ROUNDS_UNDER_CAP`` are done.
+    ``warm_every_copy``: warm-up runs every copy a runner rotates through (off for smoke runs, whose figures mean
+    nothing: one warm-up call each keeps an interpreted run short)."""
 
     warmup: int
     min_rounds: int
@@ -32,12 +34,15 @@ class TimingPlan:
     budget_s: float
     min_sample_s: float
     cap_s: float = math.inf
+    warm_every_copy: bool = True
 
 
 MIN_ROUNDS_UNDER_CAP = 3
 
 PLANS = {
-    "smoke": TimingPlan(warmup=1, min_rounds=1, max_rounds=1, budget_s=0.0, min_sample_s=0.0),
+    "smoke": TimingPlan(
+        warmup=1, min_rounds=1, max_rounds=1, budget_s=0.0, min_sample_s=0.0, warm_every_copy=False
+    ),
     "quick": TimingPlan(warmup=2, min_rounds=7, max_rounds=60, budget_s=0.6, min_sample_s=0.005, cap_s=8.0),
     "full": TimingPlan(warmup=5, min_rounds=20, max_rounds=500, budget_s=3.0, min_sample_s=0.02, cap_s=120.0),
 }
@@ -107,12 +112,14 @@ def time_interleaved(
 ) -> tuple[dict[str, Stats], dict[str, object]]:
     """Time every runner, interleaved. Returns ``(stats per implementation, first output per implementation)``;
     the first outputs come from the first warm-up call, where every implementation saw the same input.
-    Warm-up runs every copy a runner rotates through at least once, so no timed call is a copy's first."""
+    Warm-up runs every copy a runner rotates through at least once (``plan.warm_every_copy``), so no timed call is
+    a copy's first."""
     sync = synchronizer(device)
     order = list(runners)
     first_outputs: dict[str, object] = {}
     fastest_warmup = dict.fromkeys(order, math.inf)
-    warmup_calls = max(plan.warmup, 1, *(runner.copies for runner in runners.values()))
+    copies = [runner.copies for runner in runners.values()] if plan.warm_every_copy else []
+    warmup_calls = max(plan.warmup, 1, *copies)
     for call in range(warmup_calls):
         for impl in order:
             runner = runners[impl]
