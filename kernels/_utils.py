@@ -118,12 +118,23 @@ def pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def load_keep(bits_ptr, rows, cols, stride_bits_m, in_bounds):
-    """The saved keep-mask (``pack_keep``'s layout, ``[M, ceil(width / 8)]`` bytes with row stride
-    ``stride_bits_m``) of the elements ``(rows[:, None], cols[None, :])``; False outside ``in_bounds``."""
-    offsets = rows.to(tl.int64)[:, None] * stride_bits_m + (cols // 8)[None, :]
-    packed = tl.load(bits_ptr + offsets, mask=in_bounds, other=0).to(tl.int32)
-    return ((packed >> (cols % 8)[None, :]) & 1) != 0
+def load_keep(
+    bits_ptr, rows, first_col, width, stride_bits_m, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """The saved keep-mask (``pack_keep``'s layout: ``[M, ceil(width / 8)]`` bytes, row stride ``stride_bits_m``)
+    of the tile ``(rows[:, None], first_col + arange(BLOCK_N)[None, :])``, ``first_col`` a multiple of 8, as
+    ``[BLOCK_M, BLOCK_N]`` booleans; False on rows where ``row_ok`` is False and on columns past ``width``.
+
+    One byte load per 8 elements, unpacked with uint8 shifts and a reshape: loading the byte of every element
+    (int64 offsets and an int32 shift per element) cost the dX GEMM up to 59 more registers than the tile without
+    dropout, compiled for sm_90a, and spilled its large tiles; this form stays within the same tiles."""
+    byte_cols = first_col // 8 + tl.arange(0, BLOCK_N // 8)
+    byte_ok = row_ok[:, None] & (byte_cols < tl.cdiv(width, 8))[None, :]
+    packed = tl.load(
+        bits_ptr + rows.to(tl.int64)[:, None] * stride_bits_m + byte_cols[None, :], mask=byte_ok, other=0
+    )
+    bits = ((packed[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1) != 0
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit

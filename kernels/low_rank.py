@@ -198,7 +198,7 @@ def _outer_kernel(
         )
         if HAS_DROPOUT:
             x = tl.where(
-                load_keep(bits_ptr, rows, cols, stride_bits_m, row_ok[:, None] & col_ok[None, :]), x, 0.0
+                load_keep(bits_ptr, rows, pid_k * BLOCK_K, K, stride_bits_m, row_ok, BLOCK_M, BLOCK_K), x, 0.0
             )
         dxa = tl.load(
             dxa_ptr + rows64[:, None] * stride_dxa_m + ranks[None, :] * stride_dxa_r,
