@@ -27,8 +27,8 @@ GEMM on an H100 at d = 4096, M = 8192; ``../shared/research/performance.md`` §6
   Computing ``xa`` inside the GEMM instead would redo it, mask included, once per output-column tile
   (``out / BLOCK_N`` times): more work than the one extra read of x it saves.
 - backward, three launches, each a single pass over its big operand: ``dxa = s · dy B`` and ``dB = s · dyᵀ xa``
-  from one read of dy (``grad_out_pass``: per-row-block fp32 partials of dB, about a quarter of the dy bytes at
-  r = 16, instead of a second read of dy); ``dA = dxaᵀ drop(x)`` (``low_rank.outer``); both reductions over rows
+  from one read of dy (``grad_out_pass``: per-row-block fp32 partials of dB, written and read back, cost half the
+  bytes of a 16-bit dy at r = 16, instead of a second read of dy); ``dA = dxaᵀ drop(x)`` (``low_rank.outer``); both reductions over rows
   go through fp32 partials that torch sums in a fixed order, so results are deterministic (no atomics); and
   ``dx = dy W + mask ⊙ (dxa A) / (1 - p)``, the same fused GEMM reading the saved mask bits for its output tile.
   No random numbers are drawn in backward. Fusing ``dA`` into the dx GEMM would save one pass over x but needs

@@ -66,3 +66,17 @@ def test_the_dy_pass_runs_its_rank_wide_dxa_dot_on_wgmma_in_every_kept_config(co
     passes = [record for record in compiled if record["case"].startswith("grad_out_pass")]
     without = [record for record in passes if not any("m64n16" in op for op in record["mma_instructions"])]
     assert len(passes) >= 3 and not without, without
+
+
+def test_the_dx_gemm_with_dropout_keeps_the_tiles_of_the_gemm_without(compiled):
+    # Both are bf16 GEMMs with fp32 adapters whose rank-r term lands in bf16 (no three-pass dots); the saved mask,
+    # read one byte per 8 values, must cost no tile (no spills: test_no_kernel_spills_registers_on_h100).
+    def tiles(case):
+        return sorted(
+            (tuple(sorted(record["config"].items())), record["num_warps"])
+            for record in compiled
+            if record["case"] == case
+        )
+
+    with_dropout = tiles("fused: dx bf16 x, fp32 adapters, dropout")
+    assert with_dropout and with_dropout == tiles("fused: forward bf16 x, fp32 adapters, bias")
