@@ -7,15 +7,15 @@ each program reads its ``[BLOCK_M, BLOCK_N]`` tiles of ``dy`` once and feeds bot
 - ``dxa`` rows are complete after a sweep over all N columns; the columns are split into ``splits`` ranges (to give
   the GPU enough programs when M is small) and each range writes an fp32 partial ``[splits, M, R]``;
 - ``dB`` rows are sums over all M rows; each row block of ``BLOCK_M`` rows writes its own fp32 partial
-  ``[row_blocks, N, R]`` (``BLOCK_M`` is fixed per device, not autotuned, so the number of partials is known
-  before the launch).
+  ``[row_blocks, N, R]`` (``BLOCK_M`` is chosen per dtype by ``rows_per_block``, not autotuned, so the number of
+  partials is known before the launch).
 
 Both partials are then summed by torch over their first axis, in a fixed order: no atomics, identical results run
 after run (for a given shape and device: the split count depends on the SM count). Extra traffic, against the
 second read of ``dy`` (``M·N·2`` bytes in 16 bits) it replaces: the partials are written and read once,
-``(M/BLOCK_M)·N·R·8 + splits·M·R·8`` bytes, i.e. ``4R/BLOCK_M + 4R·splits/N`` of one read of a 16-bit ``dy``
-(0.5 + 0.03 at r = 16, M = 8192, N = 4096 with ``BLOCK_M = 128``, 2 splits): 1.5 reads' worth instead of 2.
-``BLOCK_M = 256`` would make it 1.25 but spilled registers with fp32 adapters, compiled for sm_90a.
+``(M/BLOCK_M)·N·R·8 + splits·M·R·8`` bytes, i.e. ``4R/BLOCK_M + 4R·splits/N`` of one read of a 16-bit ``dy``.
+At r = 16, M = 8192, N = 4096 on an H100 (132 SMs): ``BLOCK_M = 256``, 5 splits, 0.25 + 0.08: about 1.33 reads'
+worth of dy instead of 2 (``BLOCK_M = 128``, for an fp32 ``dy`` in three-pass dots: 0.5 + 0.06 of its larger read).
 
 Dots: ``dy`` is cast to the adapters' dtype. With fp32 adapters and a 16-bit ``dy`` at ``"tf32x3"`` precision,
 ``_utils.dot_acc_16bit_lhs`` takes two TF32 products instead of three (``dy`` is exact in TF32).
@@ -44,9 +44,15 @@ from ._utils import (
 
 __all__ = ["grad_out_pass"]
 
-# Rows per dB partial: as many as fit without spilling (see the module docstring). Under the interpreter 16, so that
-# the small test shapes already write several partials.
-BLOCK_M = 16 if INTERPRETED else 128
+
+def rows_per_block(dy_dtype: torch.dtype, adapter_dtype: torch.dtype) -> int:
+    """Rows per dB partial (the kernel's ``BLOCK_M``): as many as compile for sm_90a without spilling, 256, or 128
+    when an fp32 ``dy`` goes through three-pass TF32 dots. Under the interpreter 16, so that the small test shapes
+    already write several partials."""
+    if INTERPRETED:
+        return 16
+    three_pass = dy_dtype == adapter_dtype == torch.float32 and fp32_dot_precision() == "tf32x3"
+    return 128 if three_pass else 256
 
 
 def _configs() -> list[triton.Config]:
@@ -54,19 +60,20 @@ def _configs() -> list[triton.Config]:
         return triton.Config({"BLOCK_N": block_n}, num_stages=stages, num_warps=warps)
 
     return autotune_configs(
-        [config(32, 3, 8), config(64, 3, 8), config(64, 4, 8), config(32, 3, 4)],
+        [config(32, 3, 8), config(32, 4, 8), config(64, 3, 8), config(64, 4, 8), config(32, 3, 4)],
         interpreter_config=config(16, 1, 1),
     )
 
 
 def _prune_configs(configs, named_args, **constexprs):
-    """Keep the tiles that compile for sm_90a without spilling (``tests/kernel_ops/sm90_compile.py``): at most 16
-    values of the ``dy`` tile per thread when ``dy`` itself goes through three-pass TF32 dots (fp32 ``dy``), 32
-    otherwise."""
-    three_pass = constexprs["FP32_PRECISION"] == "tf32x3" and (
-        named_args["dy_ptr"].dtype == named_args["lora_B_ptr"].dtype == torch.float32
+    """Keep the tiles that compile for sm_90a without spilling (``tests/kernel_ops/sm90_compile.py``), by values of
+    the ``dy`` tile per thread: at most 16 when ``dy`` itself goes through three-pass TF32 dots (fp32 ``dy``), 32
+    when it is cast to fp32 for two-pass dots (fp32 adapters), 64 when it stays 16-bit."""
+    adapter_dtype = named_args["lora_B_ptr"].dtype
+    three_pass = named_args["dy_ptr"].dtype == adapter_dtype == torch.float32 and (
+        constexprs["FP32_PRECISION"] == "tf32x3"
     )
-    per_thread = 16 if three_pass else 32
+    per_thread = 16 if three_pass else (32 if adapter_dtype == torch.float32 else 64)
 
     def fits(config):
         return constexprs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps) <= per_thread
@@ -164,12 +171,12 @@ def _grad_out_pass_kernel(
 
 
 def _column_splits(n_row_blocks: int, n_cols: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, cols_per_split)``: enough column ranges for about two programs per SM, each at least 512 columns
+    """``(splits, cols_per_split)``: enough column ranges for about one program per SM, each at least 512 columns
     (so the ``dxa`` partials cost at most 1/8 of the ``dy`` bytes at r = 16) and a multiple of 128 (every range
     starts 16-byte aligned, and the compiler knows it: loads stay vectorized). Under the interpreter ranges of 16
     columns, so that small tests already sum several partials."""
     if device.type == "cuda":
-        wanted = max(1, min(triton.cdiv(2 * sm_count(device), n_row_blocks), n_cols // 512))
+        wanted = max(1, min(triton.cdiv(sm_count(device), n_row_blocks), n_cols // 512))
         cols_per_split = triton.cdiv(triton.cdiv(n_cols, wanted), 128) * 128
     else:
         cols_per_split = 16
@@ -192,8 +199,8 @@ def grad_out_pass(
             torch.empty(0, rank, dtype=lora_B.dtype, device=dy.device),
             torch.zeros(n_cols, rank, dtype=lora_B.dtype, device=dy.device),
         )
-    block_r = rank_block(rank)
-    row_blocks = triton.cdiv(n_rows, BLOCK_M)
+    block_r, block_m = rank_block(rank), rows_per_block(dy.dtype, lora_B.dtype)
+    row_blocks = triton.cdiv(n_rows, block_m)
     splits, cols_per_split = _column_splits(row_blocks, n_cols, dy.device)
     dxa_partial = torch.empty(splits, n_rows, rank, dtype=torch.float32, device=dy.device)
     dB_partial = torch.empty(row_blocks, n_cols, rank, dtype=torch.float32, device=dy.device)
@@ -216,6 +223,6 @@ def grad_out_pass(
         row_class(n_rows),
         FP32_PRECISION=fp32_dot_precision(),
         BLOCK_R=block_r,
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=block_m,
     )
     return dxa_partial.sum(0).to(lora_B.dtype), dB_partial.sum(0).to(lora_B.dtype)

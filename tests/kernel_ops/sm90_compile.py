@@ -258,10 +258,11 @@ def _grad_out_cases():
             "stride_dxa_split": TOKENS * RANK, "stride_dxa_m": RANK, "stride_dB_block": OUT_FEATURES * RANK,
             "stride_dB_n": RANK, "scale": 2.0, "ROW_CLASS": 2,
         }  # fmt: skip
-        constexprs = {"FP32_PRECISION": "tf32x3", "BLOCK_R": RANK, "BLOCK_M": grad_out_pass.BLOCK_M}
+        rows_per_block = grad_out_pass.rows_per_block(dy_dtype, adapter_dtype)
+        constexprs = {"FP32_PRECISION": "tf32x3", "BLOCK_R": RANK, "BLOCK_M": rows_per_block}
         name = f"grad_out_pass: dxa + dB, {TRITON_TYPES[dy_dtype]} dy, {TRITON_TYPES[adapter_dtype]} adapters"
         for record in _autotuned(name, grad_out_pass._grad_out_pass_kernel, args, constexprs):
-            yield {**record, "config": {**record["config"], "BLOCK_M": grad_out_pass.BLOCK_M}}
+            yield {**record, "config": {**record["config"], "BLOCK_M": rows_per_block}}
 
 
 def _merge_cases():

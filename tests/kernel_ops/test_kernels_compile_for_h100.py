@@ -61,7 +61,7 @@ def test_the_fused_gemm_uses_wgmma_in_every_kept_config(compiled):
 
 
 def test_the_dy_pass_runs_its_rank_wide_dxa_dot_on_wgmma_in_every_kept_config(compiled):
-    # dxa = dy B is [128 rows, BLOCK_N] @ [BLOCK_N, 16]: a warpgroup's m64n16 wgmma. The dB dot dyᵀ xa has only
+    # dxa = dy B is [BLOCK_M rows, BLOCK_N] @ [BLOCK_N, 16]: a warpgroup's m64n16 wgmma. The dB dot dyᵀ xa has only
     # BLOCK_N rows: wgmma at 64, the warp-level mma.sync at 32 (below a warpgroup's 64-row minimum).
     passes = [record for record in compiled if record["case"].startswith("grad_out_pass")]
     without = [record for record in passes if not any("m64n16" in op for op in record["mma_instructions"])]
