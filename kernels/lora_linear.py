@@ -2,8 +2,8 @@
 
 This module is the Triton backend's math for ``ops.lora_linear``: ``forward`` and ``backward``, each a short
 sequence of launches of the kernels in ``fused_linear`` (the GEMM), ``low_rank`` and ``grad_out_pass`` (the
-rank-r passes). Two strategies run the base GEMMs (``strategy``: chosen per shape by timing on CUDA, or forced): ``fused`` as described
-below, and ``cublas``: ``y = x Wᵀ + b`` by torch (cuBLAS), then ``fused_linear`` without a base adds ``s · xa Bᵀ``
+rank-r passes). Two strategies run the base GEMMs (``strategy``: chosen per shape by timing on CUDA, or
+forced): ``fused`` as described below, and ``cublas``: ``y = x Wᵀ + b`` by torch (cuBLAS), then ``fused_linear`` without a base adds ``s · xa Bᵀ``
 into y in one pass; backward ``dx = dy W`` by torch, then ``fused_linear`` adds ``mask ⊙ (dxa A)/(1-p)`` into dx in
 one pass. The rank-r passes (``project``, ``grad_out_pass``, ``outer``) are the same for both. The
 contract checks, the autocast casts and the ``torch.autograd.Function`` (with the weight and bias gradients,
