@@ -67,6 +67,11 @@ def row_class(n_rows: int) -> int:
     return sum(n_rows > bound for bound in ROW_CLASS_BOUNDS)
 
 
+def sm_count(device: torch.device) -> int:
+    """The number of streaming multiprocessors of a CUDA ``device`` (cached per device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -78,7 +83,7 @@ def row_splits(n_rows: int, programs_per_split: int, device: torch.device) -> tu
     least 128 rows so the fp32 partials stay small next to the rows they replace. Under the interpreter there
     is no GPU to fill; splits of 32 rows keep the split path exercised by small tests."""
     if device.type == "cuda":
-        wanted = max(1, 4 * _sm_count(device.index or 0) // max(1, programs_per_split))
+        wanted = max(1, 4 * sm_count(device) // max(1, programs_per_split))
         splits = max(1, min(wanted, triton.cdiv(n_rows, 128)))
     else:
         splits = max(1, triton.cdiv(n_rows, 32))
@@ -118,12 +123,23 @@ def pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def load_keep(bits_ptr, rows, cols, stride_bits_m, in_bounds):
-    """The saved keep-mask (``pack_keep``'s layout, ``[M, ceil(width / 8)]`` bytes with row stride
-    ``stride_bits_m``) of the elements ``(rows[:, None], cols[None, :])``; False outside ``in_bounds``."""
-    offsets = rows.to(tl.int64)[:, None] * stride_bits_m + (cols // 8)[None, :]
-    packed = tl.load(bits_ptr + offsets, mask=in_bounds, other=0).to(tl.int32)
-    return ((packed >> (cols % 8)[None, :]) & 1) != 0
+def load_keep(
+    bits_ptr, rows, first_col, width, stride_bits_m, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """The saved keep-mask (``pack_keep``'s layout: ``[M, ceil(width / 8)]`` bytes, row stride ``stride_bits_m``)
+    of the tile ``(rows[:, None], first_col + arange(BLOCK_N)[None, :])``, ``first_col`` a multiple of 8, as
+    ``[BLOCK_M, BLOCK_N]`` booleans; False on rows where ``row_ok`` is False and on columns past ``width``.
+
+    One byte load per 8 elements, unpacked with uint8 shifts and a reshape: loading the byte of every element
+    (int64 offsets and an int32 shift per element) cost the dX GEMM up to 59 more registers than the tile without
+    dropout, compiled for sm_90a, and spilled its large tiles; this form stays within the same tiles."""
+    byte_cols = first_col // 8 + tl.arange(0, BLOCK_N // 8)
+    byte_ok = row_ok[:, None] & (byte_cols < tl.cdiv(width, 8))[None, :]
+    packed = tl.load(
+        bits_ptr + rows.to(tl.int64)[:, None] * stride_bits_m + byte_cols[None, :], mask=byte_ok, other=0
+    )
+    bits = ((packed[:, :, None] >> tl.arange(0, 8).to(tl.uint8)[None, None, :]) & 1) != 0
+    return tl.reshape(bits, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
@@ -136,6 +152,24 @@ def dot_acc(lhs, rhs, acc, FP32_PRECISION: tl.constexpr):
         acc = tl.dot(lhs, rhs, acc, input_precision=FP32_PRECISION)
     else:
         acc = tl.dot(lhs, rhs, acc)
+    return acc
+
+
+@triton.jit
+def dot_acc_16bit_lhs(lhs, rhs, acc, FP32_PRECISION: tl.constexpr):
+    """``acc + lhs @ rhs`` with an fp32 accumulator, for an ``lhs`` whose values came from fp16 or bf16 (so they
+    are exact in TF32: at most 11 significant bits) and an ``rhs`` of ``lhs``'s dtype after the cast.
+
+    For fp32 operands at ``"tf32x3"`` precision this takes two TF32 products instead of three: ``rhs`` is split
+    into its top 11 significant bits and the exact remainder, and the split of ``lhs`` (whose low part is zero) is
+    skipped; the error stays about ``2**-20`` of each product, as with three passes, and the big ``lhs`` tile is not
+    doubled in registers (three passes on a 16-bit ``dy`` spilled, compiled for sm_90a)."""
+    if tl.constexpr(lhs.dtype == tl.float32) and tl.constexpr(FP32_PRECISION == "tf32x3"):
+        rhs_high = (rhs.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        acc = dot_acc(lhs, rhs_high, acc, "tf32")
+        acc = dot_acc(lhs, rhs - rhs_high, acc, "tf32")
+    else:
+        acc = dot_acc(lhs, rhs, acc, FP32_PRECISION)
     return acc
 
 

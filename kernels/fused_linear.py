@@ -50,14 +50,14 @@ SHARED_MEMORY_BUDGET = 200 * 1024  # of an H100's 227 KiB per block, leaving roo
 def _prune_configs(configs, named_args, **constexprs):
     """Drop the tiles that spill registers or overflow shared memory for this call, as measured by compiling every
     config for sm_90a (``tests/kernel_ops/sm90_compile.py``): a tile's fp32 accumulator may hold at most 64 values
-    per thread with three-pass TF32 dots, when it reads the saved dropout mask (a byte load and a shift per value)
-    or when it adds into an existing output (the ``cublas`` epilogue), 128 otherwise. (Drawing Philox per value,
-    before the mask was saved, allowed 32.)"""
+    per thread with three-pass TF32 dots or when it adds into an existing output (the ``cublas`` epilogue), 128
+    otherwise, with or without the dropout mask (read one byte per 8 values: ``_utils.load_keep``). (Drawing
+    Philox per value, before the mask was saved, allowed 32; a byte load and shift per value, 64.)"""
     x, xa = named_args["x_ptr"], named_args["xa_ptr"]
     three_pass = (
         constexprs["HAS_BASE"] and x.dtype == torch.float32 and constexprs["FP32_PRECISION"] == "tf32x3"
     ) or (xa.dtype == torch.float32 and constexprs["LOW_RANK_PRECISION"] == "tf32x3")
-    per_thread = 64 if three_pass or constexprs["HAS_DROPOUT"] or constexprs["ACCUMULATE"] else 128
+    per_thread = 64 if three_pass or constexprs["ACCUMULATE"] else 128
     element_size = x.element_size() if constexprs["HAS_BASE"] else 0
 
     def fits(config):
@@ -155,7 +155,7 @@ def _fused_linear_kernel(
     acc = acc * scale
     if HAS_DROPOUT:
         acc = tl.where(
-            load_keep(bits_ptr, rows, cols, stride_bits_m, row_ok[:, None] & col_ok[None, :]), acc, 0.0
+            load_keep(bits_ptr, rows, pid_n * BLOCK_N, N, stride_bits_m, row_ok, BLOCK_M, BLOCK_N), acc, 0.0
         )
 
     if HAS_BASE:

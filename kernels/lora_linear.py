@@ -1,11 +1,11 @@
 """Fused LoRA linear in Triton: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` and its backward (W frozen).
 
 This module is the Triton backend's math for ``ops.lora_linear``: ``forward`` and ``backward``, each a short
-sequence of launches of the kernels in ``fused_linear`` (the GEMM) and ``low_rank`` (the rank-r passes). Two
-strategies run the base GEMMs (``strategy``: chosen per shape by timing on CUDA, or forced): ``fused`` as described
-below, and ``cublas``: ``y = x Wᵀ + b`` by torch (cuBLAS), then ``fused_linear`` without a base adds ``s · xa Bᵀ``
+sequence of launches of the kernels in ``fused_linear`` (the GEMM), ``low_rank`` and ``grad_out_pass`` (the
+rank-r passes). Two strategies run the base GEMMs (``strategy``: chosen per shape by timing on CUDA, or
+forced): ``fused`` as described below, and ``cublas``: ``y = x Wᵀ + b`` by torch (cuBLAS), then ``fused_linear`` without a base adds ``s · xa Bᵀ``
 into y in one pass; backward ``dx = dy W`` by torch, then ``fused_linear`` adds ``mask ⊙ (dxa A)/(1-p)`` into dx in
-one pass. The rank-r passes (``project``, ``outer``) are the same for both. The
+one pass. The rank-r passes (``project``, ``grad_out_pass``, ``outer``) are the same for both. The
 contract checks, the autocast casts and the ``torch.autograd.Function`` (with the weight and bias gradients,
 computed by torch as for every backend) live in ``ops.lora_linear``.
 
@@ -26,11 +26,12 @@ GEMM on an H100 at d = 4096, M = 8192; ``../shared/research/performance.md`` §6
   first, not in the epilogue, so that the tile needs one accumulator, not two: two spill registers on an H100.)
   Computing ``xa`` inside the GEMM instead would redo it, mask included, once per output-column tile
   (``out / BLOCK_N`` times): more work than the one extra read of x it saves.
-- backward, four launches, each a single pass over its big operand: ``dxa``
-  (``low_rank.project`` over dy); ``dB = s · dyᵀ xa`` and ``dA = dxaᵀ drop(x)`` (``low_rank.outer``: reductions
-  over rows, split over row ranges into small fp32 partials that torch sums in a fixed order, so results are
-  deterministic); and ``dx = dy W + mask ⊙ (dxa A) / (1 - p)``, the same fused GEMM reading the saved mask bits
-  for its output tile. No random numbers are drawn in backward. Fusing ``dB`` or ``dA`` into the row-tiled kernels would save one pass over dy but needs
+- backward, three launches, each a single pass over its big operand: ``dxa = s · dy B`` and ``dB = s · dyᵀ xa``
+  from one read of dy (``grad_out_pass``: per-row-block fp32 partials of dB, written and read back, cost half the
+  bytes of a 16-bit dy at r = 16, instead of a second read of dy); ``dA = dxaᵀ drop(x)`` (``low_rank.outer``); both reductions over rows
+  go through fp32 partials that torch sums in a fixed order, so results are deterministic (no atomics); and
+  ``dx = dy W + mask ⊙ (dxa A) / (1 - p)``, the same fused GEMM reading the saved mask bits for its output tile.
+  No random numbers are drawn in backward. Fusing ``dA`` into the dx GEMM would save one pass over x but needs
   cross-program atomic adds (non-deterministic fp32 sums); not taken.
 
 Saved for backward: x as it came (no copy unless its leading dims cannot be flattened as a view, and then only
@@ -60,6 +61,7 @@ import torch
 from . import strategy
 from ._utils import on_device, row_class
 from .fused_linear import fused_linear
+from .grad_out_pass import grad_out_pass
 from .low_rank import outer, project
 
 __all__ = ["backward", "forward", "strategy_for"]
@@ -143,11 +145,12 @@ def backward(grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropou
         x_rows, grad_rows = _as_rows(x), _as_rows(grad_out)
         keep_scale = _keep_scale(dropout_p)
         grad_x = grad_A = grad_B = None
-        dxa = project(grad_rows, lora_B, scaling)[0] if need_x or need_A else None  # [M, r]
-        if need_B:
-            grad_B = outer(grad_rows, xa, scaling, transposed=False)
+        if need_B:  # dxa [M, r] and dB from one read of dy
+            dxa, grad_B = grad_out_pass(grad_rows, lora_B, xa, scaling)
+        elif need_x or need_A:
+            dxa = project(grad_rows, lora_B, scaling)[0]
         if need_A:
-            grad_A = outer(x_rows, dxa, keep_scale, transposed=True, keep_bits=keep_bits)
+            grad_A = outer(x_rows, dxa, keep_scale, keep_bits=keep_bits)
         if need_x:
             chosen = "fused"
             if weight is not None:

@@ -3,10 +3,10 @@
 - ``project``: ``out [M, R] = scale · (keep ⊙ x) @ lora_A``, one pass over ``x [M, K]``. Named for the forward,
   ``xa = drop(x) Aᵀ`` (``lora_A = Aᵀ [in, r]``, ``scale = 1/(1-p)``), where it draws the dropout mask (the hash
   of ``_utils.dropout_keep``) and writes it, bit-packed, for the backward; the backward launches it on
-  ``dy [M, out]`` and ``B [out, r]`` with ``scale = s`` and no mask, for ``dxa = s · dy B``.
-- ``outer``: ``scale · (keep ⊙ x)ᵀ @ dxa``, a reduction over the M rows, ``[K, R]`` (or transposed). Named for
-  ``dAᵀ = drop(x)ᵀ dxa`` (``x [M, in]``, ``dxa [M, r]``, ``scale = 1/(1-p)``, the saved mask read back, written transposed as
-  ``dA [r, in]``); ``dB = s · dyᵀ xa`` launches it on ``dy [M, out]`` and ``xa [M, r]`` with ``scale = s``. Rows are split into ranges that
+  ``dy [M, out]`` and ``B [out, r]`` with ``scale = s`` and no mask, for ``dxa = s · dy B`` when ``dB`` is not
+  needed (otherwise ``grad_out_pass`` computes both from one read of dy).
+- ``outer``: ``(scale · (keep ⊙ x)ᵀ @ dxa)ᵀ``, a reduction over the M rows, written ``[R, K]``: ``dA = dxaᵀ drop(x)``
+  (``x [M, in]``, ``dxa [M, r]``, ``scale = 1/(1-p)``, the saved mask read back). Rows are split into ranges that
   each write an fp32 partial, summed by torch in a fixed order: deterministic, no atomics.
 
 M rows (tokens), K the features of the row operand, R the rank, as in Triton's matmul tutorial.
@@ -198,7 +198,7 @@ def _outer_kernel(
         )
         if HAS_DROPOUT:
             x = tl.where(
-                load_keep(bits_ptr, rows, cols, stride_bits_m, row_ok[:, None] & col_ok[None, :]), x, 0.0
+                load_keep(bits_ptr, rows, pid_k * BLOCK_K, K, stride_bits_m, row_ok, BLOCK_M, BLOCK_K), x, 0.0
             )
         dxa = tl.load(
             dxa_ptr + rows64[:, None] * stride_dxa_m + ranks[None, :] * stride_dxa_r,
@@ -270,26 +270,21 @@ def outer(
     dxa: torch.Tensor,
     scale: float,
     *,
-    transposed: bool,
     keep_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``scale · (keep ⊙ x)ᵀ @ dxa`` → a new contiguous ``[K, R]`` tensor (``[R, K]`` when ``transposed``) in
-    ``dxa``'s dtype, summed in fp32.
+    """``(scale · (keep ⊙ x)ᵀ @ dxa)ᵀ`` → a new contiguous ``[R, K]`` tensor in ``dxa``'s dtype, summed in fp32.
 
     ``x [M, K]`` (fp32, fp16 or bf16), ``dxa [M, R]`` (fp32, fp16 or bf16), any strides, one device; ``keep`` is
     ``keep_bits`` (``project``'s packed mask over ``x``) when given, else all ones. ``M = 0`` gives zeros.
     """
     (n_rows, k), rank = x.shape, dxa.shape[1]
-    out_shape = (rank, k) if transposed else (k, rank)
     if n_rows == 0:
-        return torch.zeros(out_shape, dtype=dxa.dtype, device=x.device)
+        return torch.zeros(rank, k, dtype=dxa.dtype, device=x.device)
     block_r = rank_block(rank)
     # Split sizing assumes 64-wide K tiles; the autotuned BLOCK_K only changes how full the GPU is.
     splits, rows_per_split = row_splits(n_rows, triton.cdiv(k, 64) * triton.cdiv(rank, block_r), x.device)
-    partial = torch.empty((splits, *out_shape), dtype=torch.float32, device=x.device)
-    stride_split, stride_k, stride_r = partial.stride()
-    if transposed:
-        stride_k, stride_r = stride_r, stride_k
+    partial = torch.empty(splits, rank, k, dtype=torch.float32, device=x.device)
+    stride_split, stride_r, stride_k = partial.stride()
 
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(rank, block_r), splits)

@@ -19,7 +19,15 @@ import tempfile
 
 import torch
 import triton
-from lora_engine.kernels import fused_linear, grouped_lora, lora_merge, low_rank, nf4_dequantize, nf4_merge
+from lora_engine.kernels import (
+    fused_linear,
+    grad_out_pass,
+    grouped_lora,
+    lora_merge,
+    low_rank,
+    nf4_dequantize,
+    nf4_merge,
+)
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -63,6 +71,10 @@ def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_sta
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "shared": compiled.metadata.shared,
         "wgmma": "wgmma" in compiled.asm["ptx"],
+        # Which tensor-core instructions the dots became (Hopper's wgmma, or the older warp-level mma.sync).
+        "mma_instructions": sorted(
+            set(re.findall(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)", compiled.asm["ptx"]))
+        ),
         "fp32_fma": "fma.rn.f32" in compiled.asm["ptx"],
     }
 
@@ -220,8 +232,7 @@ def _rank_cases():
         constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
         yield from _autotuned(f"project: {name}", low_rank._project_kernel, args, constexprs)
     for name, k, dropout, partial_strides in [
-        ("dA", IN_FEATURES, True, (IN_FEATURES * RANK, 1, IN_FEATURES)),
-        ("dB", OUT_FEATURES, False, (OUT_FEATURES * RANK, RANK, 1)),
+        ("dA", IN_FEATURES, True, (IN_FEATURES * RANK, 1, IN_FEATURES))
     ]:
         args = {
             "x_ptr": _tensor(bf16), "dxa_ptr": _tensor(fp32), "partial_ptr": _tensor(fp32), "M": TOKENS, "K": k,
@@ -232,6 +243,26 @@ def _rank_cases():
         }  # fmt: skip
         constexprs = {"HAS_DROPOUT": dropout, "FP32_PRECISION": "tf32x3", "BLOCK_R": RANK}
         yield from _autotuned(f"outer: {name}", low_rank._outer_kernel, args, constexprs)
+
+
+def _grad_out_cases():
+    """dxa and the dB partials from one read of dy: bf16 dy with fp32 adapters (two TF32 passes) and bf16 ones; fp32
+    dy and adapters (three TF32 passes)."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for dy_dtype, adapter_dtype in ((bf16, fp32), (bf16, bf16), (fp32, fp32)):
+        args = {
+            "dy_ptr": _tensor(dy_dtype), "lora_B_ptr": _tensor(adapter_dtype), "xa_ptr": _tensor(adapter_dtype),
+            "dxa_partial_ptr": _tensor(torch.float32), "dB_partial_ptr": _tensor(torch.float32), "M": TOKENS,
+            "N": OUT_FEATURES, "R": RANK, "cols_per_split": OUT_FEATURES // 2, "stride_dy_m": OUT_FEATURES,
+            "stride_dy_n": 1, "stride_lora_B_n": RANK, "stride_lora_B_r": 1, "stride_xa_m": RANK, "stride_xa_r": 1,
+            "stride_dxa_split": TOKENS * RANK, "stride_dxa_m": RANK, "stride_dB_block": OUT_FEATURES * RANK,
+            "stride_dB_n": RANK, "scale": 2.0, "ROW_CLASS": 2,
+        }  # fmt: skip
+        rows_per_block = grad_out_pass.rows_per_block(dy_dtype, adapter_dtype)
+        constexprs = {"FP32_PRECISION": "tf32x3", "BLOCK_R": RANK, "BLOCK_M": rows_per_block}
+        name = f"grad_out_pass: dxa + dB, {TRITON_TYPES[dy_dtype]} dy, {TRITON_TYPES[adapter_dtype]} adapters"
+        for record in _autotuned(name, grad_out_pass._grad_out_pass_kernel, args, constexprs):
+            yield {**record, "config": {**record["config"], "BLOCK_M": rows_per_block}}
 
 
 def _merge_cases():
@@ -320,7 +351,14 @@ def _grouped_cases():
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
-    for result in (*_fused_cases(), *_rank_cases(), *_merge_cases(), *_nf4_cases(), *_grouped_cases()):
+    for result in (
+        *_fused_cases(),
+        *_rank_cases(),
+        *_grad_out_cases(),
+        *_merge_cases(),
+        *_nf4_cases(),
+        *_grouped_cases(),
+    ):
         print(json.dumps(result), flush=True)
 
 

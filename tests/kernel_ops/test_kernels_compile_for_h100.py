@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len({record["case"] for record in records}) == 19, records
+    assert len({record["case"] for record in records}) == 21, records
     return records
 
 
@@ -58,3 +58,25 @@ def test_the_fused_gemm_uses_wgmma_in_every_kept_config(compiled):
     fused = [record for record in compiled if record["case"].startswith("fused")]
     without_wgmma = [record for record in fused if not record["wgmma"]]
     assert fused and not without_wgmma, without_wgmma
+
+
+def test_the_dy_pass_runs_its_rank_wide_dxa_dot_on_wgmma_in_every_kept_config(compiled):
+    # dxa = dy B is [BLOCK_M rows, BLOCK_N] @ [BLOCK_N, 16]: a warpgroup's m64n16 wgmma. The dB dot dyᵀ xa has only
+    # BLOCK_N rows: wgmma at 64, the warp-level mma.sync at 32 (below a warpgroup's 64-row minimum).
+    passes = [record for record in compiled if record["case"].startswith("grad_out_pass")]
+    without = [record for record in passes if not any("m64n16" in op for op in record["mma_instructions"])]
+    assert len(passes) >= 3 and not without, without
+
+
+def test_the_dx_gemm_with_dropout_keeps_the_tiles_of_the_gemm_without(compiled):
+    # Both are bf16 GEMMs with fp32 adapters whose rank-r term lands in bf16 (no three-pass dots); the saved mask,
+    # read one byte per 8 values, must cost no tile (no spills: test_no_kernel_spills_registers_on_h100).
+    def tiles(case):
+        return sorted(
+            (tuple(sorted(record["config"].items())), record["num_warps"])
+            for record in compiled
+            if record["case"] == case
+        )
+
+    with_dropout = tiles("fused: dx bf16 x, fp32 adapters, dropout")
+    assert with_dropout and with_dropout == tiles("fused: forward bf16 x, fp32 adapters, bias")

@@ -138,6 +138,29 @@ def test_each_strategy_matches_the_reference(kernels, monkeypatch, strategy, dty
     _assert_matches_reference(*_both(kernels, operands, 0.6, dropout_p, seed=31), operands)
 
 
+@pytest.mark.parametrize(("strategy", "dropout_p"), [("fused", 0.0), ("cublas", 0.1), ("fused", 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("rank", [1, 5, 16])
+def test_gradients_through_the_one_pass_over_a_strided_dy_match_the_reference(
+    kernels, monkeypatch, rank, dtype, strategy, dropout_p
+):
+    """dxa and dB come from one read of dy (``grad_out_pass``); dA and dx consume that dxa. Non-contiguous 3-D x,
+    and a dy whose features are strided (its rows still flatten to a view, so the kernel reads it strided)."""
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)
+    x, *rest = _operands(dtype, leading=(ROWS - ROWS % 3,), rank=rank)
+    operands = (_layout("3d-transposed", x), *rest)
+    got_fn, want_fn = _both(kernels, operands, 0.6, dropout_p, seed=41)
+    got, want = got_fn(), want_fn()
+    wide = torch.randn(*want.shape[:-1], 2 * OUT_FEATURES, generator=torch.Generator().manual_seed(2))
+    grad_out = wide.to(want.dtype)[..., ::2]
+    assert not grad_out.is_contiguous() and grad_out.reshape(-1, OUT_FEATURES)._base is not None
+    needing = [tensor for tensor in operands if tensor is not None and tensor.requires_grad]
+    for got_grad, want_grad in zip(
+        torch.autograd.grad(got, needing, grad_out), torch.autograd.grad(want, needing, grad_out)
+    ):
+        _assert_close(got_grad, want_grad)
+
+
 @pytest.mark.parametrize("strategy", ["fused", "cublas"])
 def test_each_strategy_reads_strided_operands_and_conv1d_weights(kernels, monkeypatch, strategy):
     monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", strategy)

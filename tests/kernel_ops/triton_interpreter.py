@@ -33,6 +33,7 @@ from lora_engine import backend
 # Attribute of the fixture's namespace → module.
 KERNEL_MODULES = {
     "lora_linear": "lora_engine.kernels.lora_linear",
+    "grad_out_pass": "lora_engine.kernels.grad_out_pass",
     "lora_merge": "lora_engine.kernels.lora_merge",
     "grouped_lora": "lora_engine.kernels.grouped_lora",
     "nf4_dequantize": "lora_engine.kernels.nf4_dequantize",
