@@ -260,7 +260,7 @@ def _nf4_cases():
         }  # fmt: skip
         constexprs = {
             "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "ABSMAX2_DTYPE": triton.language.float32,
-            "BLOCK": nf4_dequantize.BLOCK,
+            "BLOCK": nf4_dequantize.BLOCK, "WEIGHT_DTYPE": triton.language.bfloat16,
         }  # fmt: skip
         result = _compile(
             nf4_dequantize._dequantize_kernel, args, constexprs, nf4_dequantize.NUM_WARPS, 3,

@@ -1,0 +1,95 @@
+"""The one decode of bitsandbytes' packed 4-bit weights (NF4/FP4, optionally double-quantized) inside a kernel.
+
+Shared by every kernel that reads a 4-bit weight: ``nf4_dequantize`` (decode to a dense weight), ``nf4_merge``
+(decode, add, quantize again) and ``nf4_lora_linear`` (decode inside the GEMV). The format is described in
+``reference/nf4_dequantize.py``; in short, element ``e`` of the row-major flattened weight decodes to
+``code[nibble(e)] * absmax[e // BLOCKSIZE]`` in fp32, the high nibble of byte ``e // 2`` first, and with double
+quant ``absmax`` is itself decoded from 8 bits: ``((code2[q] * absmax2[block // BLOCKSIZE2]) → ABSMAX2_DTYPE)
++ offset → ABSMAX2_DTYPE → fp32``.
+
+Bit-exactness with bitsandbytes needs the nested absmax's multiply and add rounded separately: every launch of a
+kernel calling ``decode_4bit`` passes ``enable_fp_fusion=False`` so the compiler cannot contract them into an FMA
+(which would round once); the interpreter never fuses.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import cast
+
+__all__ = ["TRITON_DTYPES", "absmax_operands", "decode_4bit"]
+
+TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def absmax_operands(quant_state) -> dict:
+    """The kernel arguments that describe a ``QuantState``'s block scales, plain or nested, as ``decode_4bit``
+    takes them (``absmax_ptr``, ``absmax2_ptr``, ``code2_ptr``, ``offset``, ``BLOCKSIZE2``, ``NESTED``,
+    ``ABSMAX2_DTYPE``).
+
+    Unnested, ``absmax_ptr`` is the fp32 absmax and the nested pointers are dummies the kernel never reads.
+    """
+    absmax = quant_state.absmax.reshape(-1)
+    if not quant_state.nested:
+        return {
+            "absmax_ptr": absmax, "absmax2_ptr": absmax, "code2_ptr": absmax, "offset": 0.0,
+            "BLOCKSIZE2": 1, "NESTED": False, "ABSMAX2_DTYPE": tl.float32,
+        }  # fmt: skip
+    state2 = quant_state.state2
+    return {
+        "absmax_ptr": absmax, "absmax2_ptr": state2.absmax.reshape(-1), "code2_ptr": state2.code,
+        # A 0-dim fp32 tensor: its value is exactly representable as the fp32 scalar argument.
+        "offset": float(quant_state.offset), "BLOCKSIZE2": state2.blocksize, "NESTED": True,
+        "ABSMAX2_DTYPE": TRITON_DTYPES[state2.dtype],
+    }  # fmt: skip
+
+
+@triton.jit
+def _block_scale(block, absmax_ptr, absmax2_ptr, code2_ptr, offset, mask, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE):
+    """The fp32 absmax of 4-bit blocks ``block``, decoding the nested absmax when ``NESTED``."""
+    if NESTED:
+        quantized = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        code2 = tl.load(code2_ptr + quantized, mask=mask, other=0.0)
+        scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        decoded = cast(code2 * scale2, ABSMAX2_DTYPE).to(tl.float32)
+        scale = cast(decoded + offset, ABSMAX2_DTYPE).to(tl.float32)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def decode_4bit(
+    elements,
+    mask,
+    packed_ptr,
+    code_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    BLOCKSIZE,
+    BLOCKSIZE2,
+    NESTED,
+    ABSMAX2_DTYPE,
+):
+    """fp32 ``code[nibble(e)] * absmax[e // BLOCKSIZE]`` for the flat element indices ``elements`` (an int tile,
+    1-D or 2-D) of a packed 4-bit weight; 0 where ``mask`` is False. ``packed_ptr``: the bytes; ``code_ptr``: the
+    format's 16-entry fp32 table; the rest as ``absmax_operands`` gives them."""
+    packed = tl.load(packed_ptr + elements // 2, mask=mask, other=0).to(tl.int32)
+    index = (packed >> (4 - 4 * (elements % 2)).to(tl.int32)) & 0xF
+    # The 16-entry table in registers: a gather, not a load per element. tl.gather wants the table and the
+    # indices of one rank: a 2-D tile (the GEMV's) gathers from the table repeated along its rows.
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    if len(index.shape) == 2:
+        values = tl.gather(tl.broadcast_to(table[None, :], (index.shape[0], 16)), index, 1)
+    else:
+        values = tl.gather(table, index, 0)
+    scale = _block_scale(
+        elements // BLOCKSIZE, absmax_ptr, absmax2_ptr, code2_ptr, offset, mask, BLOCKSIZE2, NESTED,
+        ABSMAX2_DTYPE,
+    )  # fmt: skip
+    return values * scale
