@@ -81,13 +81,13 @@ def decode_4bit(
     format's 16-entry fp32 table; the rest as ``absmax_operands`` gives them."""
     packed = tl.load(packed_ptr + elements // 2, mask=mask, other=0).to(tl.int32)
     index = (packed >> (4 - 4 * (elements % 2)).to(tl.int32)) & 0xF
-    # The 16-entry table in registers: a gather, not a load per element. tl.gather wants the table and the
-    # indices of one rank: a 2-D tile (the GEMV's) gathers from the table repeated along its rows.
-    table = tl.load(code_ptr + tl.arange(0, 16))
     if len(index.shape) == 2:
-        values = tl.gather(tl.broadcast_to(table[None, :], (index.shape[0], 16)), index, 1)
+        # A 2-D tile (the GEMV's): a load through L1 from the 64-byte table. A register gather needs the table
+        # repeated along the rows and, compiled for sm_90a, goes through shared memory and spills.
+        values = tl.load(code_ptr + index)
     else:
-        values = tl.gather(table, index, 0)
+        # The 16-entry table in registers: a gather, not a load per element.
+        values = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), index, 0)
     scale = _block_scale(
         elements // BLOCKSIZE, absmax_ptr, absmax2_ptr, code2_ptr, offset, mask, BLOCKSIZE2, NESTED,
         ABSMAX2_DTYPE,

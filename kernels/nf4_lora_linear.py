@@ -51,24 +51,29 @@ GEMV_MAX_ROWS = 64
 _buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _gemv_configs() -> list[triton.Config]:
-    def config(block_n, block_k, warps, stages):
-        return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
-
-    # Memory-bound: small feature tiles give enough programs to stream the weight (11008 / 32 = 344 programs for
-    # an MLP projection); each tile holds at most 32 decoded weights per thread.
-    return autotune_configs(
-        [
-            config(16, 256, 4, 3),
-            config(32, 128, 4, 3),
-            config(64, 64, 4, 3),
-            config(32, 256, 8, 3),
-        ],
-        interpreter_config=config(16, 32, 1, 1),
-    )
+def _config(block_n, block_k, warps, stages):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "R", "BLOCK_M", "BLOCKSIZE", "NESTED", "HAS_BIAS"])
+# Memory-bound: small feature tiles give enough programs to stream the weight (11008 / 32 = 344 programs for an
+# MLP projection). One row (no dot): at most 32 decoded weights per thread. Several rows (a dot): two stages and
+# tiles of at most 64 × 64, or 32 × 128; larger ones spilled registers or overflowed shared memory compiled for
+# sm_90a (tests/kernel_ops/test_kernels_compile_for_h100.py).
+_ROW_CONFIGS = [_config(16, 256, 4, 3), _config(32, 128, 4, 3), _config(64, 64, 4, 3), _config(32, 256, 8, 3)]
+_DOT_CONFIGS = [_config(32, 64, 4, 2), _config(64, 64, 4, 2), _config(32, 128, 4, 2), _config(64, 64, 8, 2)]
+
+
+def _prune_gemv_configs(configs, named_args, **constexprs):
+    """The one-row configs for one row, the dot configs otherwise (the interpreter's single config for both)."""
+    kept = [config for config in configs if (config in _ROW_CONFIGS) == (constexprs["BLOCK_M"] == 1)]
+    return kept or configs
+
+
+@triton.autotune(
+    configs=autotune_configs(_ROW_CONFIGS + _DOT_CONFIGS, interpreter_config=_config(16, 32, 1, 1)),
+    key=["N", "K", "R", "BLOCK_M", "BLOCKSIZE", "NESTED", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_gemv_configs},
+)
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr,  # [M, K]
@@ -102,6 +107,7 @@ def _gemv_kernel(
     NESTED: tl.constexpr,
     ABSMAX2_DTYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     LOW_RANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -118,7 +124,8 @@ def _gemv_kernel(
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ks = tl.arange(0, BLOCK_K)
-    first_element = features.to(tl.int64) * K  # flat index of each feature's row of W (blocks cross rows)
+    # Flat index of each feature's row of W (blocks cross rows); 32-bit unless W has 2**31 elements or more.
+    first_element = features.to(tl.int64) * K if WIDE_INDEX else features * K
     x_dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -185,7 +192,7 @@ def _gemv(x_rows, weight4, bias, xa, lora_B, scaling) -> torch.Tensor:
         stride_xa_r=xa.stride(1), stride_lora_B_n=lora_B.stride(0), stride_lora_B_r=lora_B.stride(1),
         stride_out_m=out.stride(0), stride_out_n=out.stride(1), scale=float(scaling),
         WEIGHT_DTYPE=TRITON_DTYPES[quant_state.dtype], BLOCKSIZE=quant_state.blocksize,
-        HAS_BIAS=bias is not None, FP32_PRECISION=fp32_dot_precision(), LOW_RANK_PRECISION=low_rank_precision,
+        HAS_BIAS=bias is not None, WIDE_INDEX=out_features * in_features >= 2**31, FP32_PRECISION=fp32_dot_precision(), LOW_RANK_PRECISION=low_rank_precision,
         BLOCK_M=block_m, BLOCK_R=rank_block(xa.shape[1]), **absmax_operands(quant_state),
     )  # fmt: skip
     return out
