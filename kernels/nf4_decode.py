@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._utils import cast
 
-__all__ = ["TRITON_DTYPES", "absmax_operands", "decode_4bit"]
+__all__ = ["TRITON_DTYPES", "absmax_operands", "block_scale", "code_values", "decode_4bit"]
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -48,8 +48,9 @@ def absmax_operands(quant_state) -> dict:
 
 
 @triton.jit
-def _block_scale(block, absmax_ptr, absmax2_ptr, code2_ptr, offset, mask, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE):
-    """The fp32 absmax of 4-bit blocks ``block``, decoding the nested absmax when ``NESTED``."""
+def block_scale(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE):
+    """The fp32 absmax of 4-bit blocks ``block`` (an int tile of block indices), decoding the nested absmax when
+    ``NESTED``. A kernel whose tile rows each lie in one block calls it once per row, not per element."""
     if NESTED:
         quantized = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         code2 = tl.load(code2_ptr + quantized, mask=mask, other=0.0)
@@ -59,6 +60,22 @@ def _block_scale(block, absmax_ptr, absmax2_ptr, code2_ptr, offset, mask, BLOCKS
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
     return scale
+
+
+@triton.jit
+def code_values(elements, mask, packed_ptr, code_ptr):
+    """fp32 ``code[nibble(e)]`` for the flat element indices ``elements`` (an int tile, 1-D or 2-D) of a packed
+    4-bit weight (``packed_ptr``: its bytes, high nibble first; ``code_ptr``: the 16-entry fp32 table)."""
+    packed = tl.load(packed_ptr + elements // 2, mask=mask, other=0).to(tl.int32)
+    index = (packed >> (4 - 4 * (elements % 2)).to(tl.int32)) & 0xF
+    if len(index.shape) == 2:
+        # A 2-D tile (the GEMV's): a load through L1 from the 64-byte table. A register gather needs the table
+        # repeated along the rows and, compiled for sm_90a, goes through shared memory and spills.
+        values = tl.load(code_ptr + index)
+    else:
+        # The 16-entry table in registers: a gather, not a load per element.
+        values = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), index, 0)
+    return values
 
 
 @triton.jit
@@ -77,19 +94,9 @@ def decode_4bit(
     ABSMAX2_DTYPE,
 ):
     """fp32 ``code[nibble(e)] * absmax[e // BLOCKSIZE]`` for the flat element indices ``elements`` (an int tile,
-    1-D or 2-D) of a packed 4-bit weight; 0 where ``mask`` is False. ``packed_ptr``: the bytes; ``code_ptr``: the
-    format's 16-entry fp32 table; the rest as ``absmax_operands`` gives them."""
-    packed = tl.load(packed_ptr + elements // 2, mask=mask, other=0).to(tl.int32)
-    index = (packed >> (4 - 4 * (elements % 2)).to(tl.int32)) & 0xF
-    if len(index.shape) == 2:
-        # A 2-D tile (the GEMV's): a load through L1 from the 64-byte table. A register gather needs the table
-        # repeated along the rows and, compiled for sm_90a, goes through shared memory and spills.
-        values = tl.load(code_ptr + index)
-    else:
-        # The 16-entry table in registers: a gather, not a load per element.
-        values = tl.gather(tl.load(code_ptr + tl.arange(0, 16)), index, 0)
-    scale = _block_scale(
-        elements // BLOCKSIZE, absmax_ptr, absmax2_ptr, code2_ptr, offset, mask, BLOCKSIZE2, NESTED,
+    1-D or 2-D) of a packed 4-bit weight; 0 where ``mask`` is False. The rest as ``absmax_operands`` gives it."""
+    scale = block_scale(
+        elements // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE2, NESTED,
         ABSMAX2_DTYPE,
     )  # fmt: skip
-    return values * scale
+    return code_values(elements, mask, packed_ptr, code_ptr) * scale

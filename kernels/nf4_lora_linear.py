@@ -7,8 +7,9 @@ The Triton backend's math for ``ops.nf4_lora_linear``: ``forward`` and ``backwar
 - **Small row counts** (``M ≤ GEMV_MAX_ROWS``, decode and small batches): two launches. ``low_rank.project`` computes
   ``xa = drop(x) Aᵀ [M, r]`` (and the packed dropout mask, as for the dense op), then ``_gemv_kernel`` streams the
   packed weight once: each program owns ``BLOCK_N`` output features, walks ``in`` in ``BLOCK_K`` steps decoding
-  its ``[BLOCK_N, BLOCK_K]`` tile of W in registers (``nf4_decode.decode_4bit``: nibble → code table → times the
-  block's absmax, the nested 8-bit absmax decoded inline), and multiplies it with all M rows of x at once, as
+  its ``[BLOCK_N, BLOCK_K]`` tile of W in registers (``nf4_decode``: nibble → code table → times the block's
+  absmax, the nested 8-bit absmax decoded inline; once per tile row, not per element, where rows hold whole
+  blocks and a tile row stays in one block, as in every real model's layers), and multiplies it with all M rows of x at once, as
   ``Wtile · xᵀ`` (a tensor-core dot once the rows are padded to 16; a broadcast multiply-and-sum for a single
   row). Its epilogue adds ``s · xa Bᵀ`` (rank-r, chunked by ``BLOCK_R``) and the bias, and writes y once.
 - **Large row counts**: the weight is decoded into a per-(device, dtype) scratch buffer
@@ -40,7 +41,7 @@ import triton.language as tl
 from . import lora_linear as dense
 from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, on_device, rank_block
 from .low_rank import project
-from .nf4_decode import TRITON_DTYPES, absmax_operands, decode_4bit
+from .nf4_decode import TRITON_DTYPES, absmax_operands, block_scale, code_values, decode_4bit
 from .nf4_dequantize import nf4_dequantize
 
 __all__ = ["GEMV_MAX_ROWS", "backward", "forward"]
@@ -108,6 +109,7 @@ def _gemv_kernel(
     ABSMAX2_DTYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
+    WHOLE_BLOCK_ROWS: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     LOW_RANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -132,10 +134,20 @@ def _gemv_kernel(
     for k_start in range(0, K, BLOCK_K):
         k = k_start + ks
         k_ok = k < K
-        weight = decode_4bit(
-            first_element[:, None] + k[None, :], feature_ok[:, None] & k_ok[None, :], packed_ptr, code_ptr,
-            absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
-        )  # fmt: skip
+        elements = first_element[:, None] + k[None, :]
+        in_bounds = feature_ok[:, None] & k_ok[None, :]
+        if tl.constexpr(WHOLE_BLOCK_ROWS and BLOCKSIZE % BLOCK_K == 0):
+            # Each row of the tile lies in one 4-bit block: its scale (nested decode included) once per row.
+            row_absmax = block_scale(
+                (first_element + k_start) // BLOCKSIZE, feature_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+                BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+            )  # fmt: skip
+            weight = code_values(elements, in_bounds, packed_ptr, code_ptr) * row_absmax[:, None]
+        else:
+            weight = decode_4bit(
+                elements, in_bounds, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE,
+                BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+            )  # fmt: skip
         weight = cast(cast(weight, WEIGHT_DTYPE), x_dtype)  # as bnb's dequantize_4bit(...).to(x.dtype)
         x_t = tl.load(
             x_ptr + rows[None, :] * stride_x_m + k[:, None] * stride_x_k,
@@ -192,7 +204,8 @@ def _gemv(x_rows, weight4, bias, xa, lora_B, scaling) -> torch.Tensor:
         stride_xa_r=xa.stride(1), stride_lora_B_n=lora_B.stride(0), stride_lora_B_r=lora_B.stride(1),
         stride_out_m=out.stride(0), stride_out_n=out.stride(1), scale=float(scaling),
         WEIGHT_DTYPE=TRITON_DTYPES[quant_state.dtype], BLOCKSIZE=quant_state.blocksize,
-        HAS_BIAS=bias is not None, WIDE_INDEX=out_features * in_features >= 2**31, FP32_PRECISION=fp32_dot_precision(), LOW_RANK_PRECISION=low_rank_precision,
+        HAS_BIAS=bias is not None, WIDE_INDEX=out_features * in_features >= 2**31,
+        WHOLE_BLOCK_ROWS=in_features % quant_state.blocksize == 0, FP32_PRECISION=fp32_dot_precision(), LOW_RANK_PRECISION=low_rank_precision,
         BLOCK_M=block_m, BLOCK_R=rank_block(xa.shape[1]), **absmax_operands(quant_state),
     )  # fmt: skip
     return out

@@ -313,6 +313,7 @@ def _gemv_4bit_cases():
             "WEIGHT_DTYPE": triton.language.bfloat16, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True,
             "ABSMAX2_DTYPE": triton.language.float32, "HAS_BIAS": True, "FP32_PRECISION": "tf32x3",
             "LOW_RANK_PRECISION": "tf32", "BLOCK_M": rows, "BLOCK_R": RANK, "WIDE_INDEX": False,
+            "WHOLE_BLOCK_ROWS": True,
         }  # fmt: skip
         yield from _autotuned(
             f"gemv_4bit: {rows} row{'s' if rows > 1 else ''}, nf4 double quant, bf16 x, fp32 adapters",

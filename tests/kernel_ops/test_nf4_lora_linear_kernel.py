@@ -19,20 +19,22 @@ IN_FEATURES, OUT_FEATURES, RANK = 45, 29, 3  # odd: 1305 weights, blocks of 64 c
 GEMV_ROWS, DENSE_ROWS = 5, (2, 35)  # ≤ 64 rows: the GEMV; 70 rows: the buffer + dense path
 
 
-def _weight4(weight_dtype=torch.float32, quant_type="nf4", double_quant=True, blocksize=64):
+def _weight4(
+    weight_dtype=torch.float32, quant_type="nf4", double_quant=True, blocksize=64, in_features=IN_FEATURES
+):
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(OUT_FEATURES, IN_FEATURES, generator=generator) * IN_FEATURES**-0.5
+    weight = torch.randn(OUT_FEATURES, in_features, generator=generator) * in_features**-0.5
     return bnb_F.quantize_4bit(
         weight.to(weight_dtype), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
     )
 
 
-def _operands(leading, dtype, bias=True, rank=RANK):
+def _operands(leading, dtype, bias=True, rank=RANK, in_features=IN_FEATURES):
     """x (requires grad), bias (requires grad), lora_A, lora_B (fp32, requiring grad, as peft's adapters)."""
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(*leading, IN_FEATURES, generator=generator).to(dtype).requires_grad_()
+    x = torch.randn(*leading, in_features, generator=generator).to(dtype).requires_grad_()
     bias_ = torch.randn(OUT_FEATURES, generator=generator).to(dtype).requires_grad_() if bias else None
-    lora_A = (torch.randn(rank, IN_FEATURES, generator=generator) * IN_FEATURES**-0.5).requires_grad_()
+    lora_A = (torch.randn(rank, in_features, generator=generator) * in_features**-0.5).requires_grad_()
     lora_B = (torch.randn(OUT_FEATURES, rank, generator=generator) * rank**-0.5).requires_grad_()
     return x, bias_, lora_A, lora_B
 
@@ -60,8 +62,10 @@ def _assert_close(got, want, compute_dtype):
     torch.testing.assert_close(got, want, atol=tolerance * scale, rtol=tolerance)
 
 
-def _assert_matches_reference(leading, dtype, weight4, dropout_p=0.0, bias=True, x_transform=None):
-    x, bias_, lora_A, lora_B = _operands(leading, dtype, bias)
+def _assert_matches_reference(
+    leading, dtype, weight4, dropout_p=0.0, bias=True, x_transform=None, in_features=IN_FEATURES
+):
+    x, bias_, lora_A, lora_B = _operands(leading, dtype, bias, in_features=in_features)
     if x_transform is not None:
         x = x_transform(x)
     out, grads = _run("triton", x, weight4, bias_, lora_A, lora_B, dropout_p)
@@ -104,6 +108,16 @@ def test_gemv_reads_a_non_contiguous_x_without_bias():
 def test_gemv_decodes_other_blocksizes(blocksize):
     # 32: many nested absmax entries per row; 4096: one partial block holds the whole weight.
     _assert_matches_reference((GEMV_ROWS,), torch.float32, _weight4(blocksize=blocksize))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_gemv_on_rows_of_whole_blocks_decodes_each_scale_once_per_row_and_matches_the_reference(
+    blocksize, double_quant
+):
+    # in = 64: every row holds whole blocks, and the interpreter's 32-wide K tiles stay inside one block.
+    weight4 = _weight4(blocksize=blocksize, double_quant=double_quant, in_features=64)
+    _assert_matches_reference((GEMV_ROWS,), torch.float32, weight4, in_features=64)
 
 
 def test_gemv_rounds_the_weight_to_its_quantized_dtype_before_x_dtype():
