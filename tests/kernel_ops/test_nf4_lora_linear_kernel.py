@@ -126,12 +126,18 @@ def test_gemv_rounds_the_weight_to_its_quantized_dtype_before_x_dtype():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "dropout_p", "quant_type"),
-    [(torch.float32, 0.0, "fp4"), (torch.float32, 0.1, "nf4"), (torch.bfloat16, 0.0, "nf4")],
-    ids=["fp32-fp4", "fp32-dropout", "bf16"],
+    ("dtype", "dropout_p", "quant_type", "double_quant"),
+    [
+        (torch.float32, 0.0, "fp4", False),
+        (torch.float32, 0.1, "nf4", True),
+        (torch.float16, 0.0, "nf4", False),
+        (torch.bfloat16, 0.1, "nf4", True),
+    ],
+    ids=["fp32-fp4-single", "fp32-nf4-double-dropout", "fp16-nf4-single", "bf16-nf4-double-dropout"],
 )
-def test_large_row_path_matches_the_reference(dtype, dropout_p, quant_type):
-    _assert_matches_reference(DENSE_ROWS, dtype, _weight4(dtype, quant_type=quant_type), dropout_p=dropout_p)
+def test_large_row_path_matches_the_reference(dtype, dropout_p, quant_type, double_quant):
+    weight4 = _weight4(dtype, quant_type=quant_type, double_quant=double_quant)
+    _assert_matches_reference(DENSE_ROWS, dtype, weight4, dropout_p=dropout_p)
 
 
 @pytest.mark.parametrize(("leading", "path"), [((GEMV_ROWS,), "_gemv"), (DENSE_ROWS, "decoded_weight")])
