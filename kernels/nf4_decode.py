@@ -1,7 +1,9 @@
 """The one decode of bitsandbytes' packed 4-bit weights (NF4/FP4, optionally double-quantized) inside a kernel.
 
 Shared by every kernel that reads a 4-bit weight: ``nf4_dequantize`` (decode to a dense weight), ``nf4_merge``
-(decode, add, quantize again) and ``nf4_lora_linear`` (decode inside the GEMV). The format is described in
+(decode, add, quantize again) and ``nf4_lora_linear`` (decode inside the GEMV). Element by element
+(``decode_4bit`` = ``code_values`` × ``block_scale``), or, where rows start on a byte, both elements of a byte at
+once (``code_pairs``, from ``pair_table``) times the same ``block_scale``. The format is described in
 ``reference/nf4_dequantize.py``; in short, element ``e`` of the row-major flattened weight decodes to
 ``code[nibble(e)] * absmax[e // BLOCKSIZE]`` in fp32, the high nibble of byte ``e // 2`` first, and with double
 quant ``absmax`` is itself decoded from 8 bits: ``((code2[q] * absmax2[block // BLOCKSIZE2]) → ABSMAX2_DTYPE)
@@ -20,7 +22,15 @@ import triton.language as tl
 
 from ._utils import cast
 
-__all__ = ["TRITON_DTYPES", "absmax_operands", "block_scale", "code_values", "decode_4bit"]
+__all__ = [
+    "TRITON_DTYPES",
+    "absmax_operands",
+    "block_scale",
+    "code_pairs",
+    "code_values",
+    "decode_4bit",
+    "pair_table",
+]
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -45,6 +55,24 @@ def absmax_operands(quant_state) -> dict:
         "offset": float(quant_state.offset), "BLOCKSIZE2": state2.blocksize, "NESTED": True,
         "ABSMAX2_DTYPE": TRITON_DTYPES[state2.dtype],
     }  # fmt: skip
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """``code_pairs``' table: int64 ``[256]``, entry ``b`` holding the fp32 codes of byte ``b``'s two nibbles,
+    ``code[b >> 4]`` (the first element) in its low 32 bits and ``code[b & 15]`` in its high 32 bits."""
+    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)  # [256, 2] fp32
+    return pairs.contiguous().view(torch.int64).reshape(256)  # little-endian: the first code is the low half
+
+
+@triton.jit
+def code_pairs(byte_indices, mask, packed_ptr, pair_table_ptr):
+    """``(first, second)``: the fp32 codes of the two elements packed in the bytes ``byte_indices`` (elements
+    ``2b`` and ``2b + 1``), from one byte load and one 8-byte table load (``pair_table``) for both."""
+    packed = tl.load(packed_ptr + byte_indices, mask=mask, other=0).to(tl.int32)
+    pair = tl.load(pair_table_ptr + packed)
+    first = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    second = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    return first, second
 
 
 @triton.jit

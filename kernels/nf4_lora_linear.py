@@ -7,11 +7,15 @@ The Triton backend's math for ``ops.nf4_lora_linear``: ``forward`` and ``backwar
 - **Small row counts** (``M ≤ GEMV_MAX_ROWS``, decode and small batches): two launches. ``low_rank.project`` computes
   ``xa = drop(x) Aᵀ [M, r]`` (and the packed dropout mask, as for the dense op), then ``_gemv_kernel`` streams the
   packed weight once: each program owns ``BLOCK_N`` output features, walks ``in`` in ``BLOCK_K`` steps decoding
-  its ``[BLOCK_N, BLOCK_K]`` tile of W in registers (``nf4_decode``: nibble → code table → times the block's
-  absmax, the nested 8-bit absmax decoded inline; once per tile row, not per element, where rows hold whole
-  blocks and a tile row stays in one block, as in every real model's layers), and multiplies it with all M rows of x at once, as
+  its ``[BLOCK_N, BLOCK_K]`` tile of W in registers (``nf4_decode``: code table times the block's absmax, the
+  nested 8-bit absmax decoded inline), and multiplies it with all M rows of x at once, as
   ``Wtile · xᵀ`` (a tensor-core dot once the rows are padded to 16; a broadcast multiply-and-sum for a single
   row). Its epilogue adds ``s · xa Bᵀ`` (rank-r, chunked by ``BLOCK_R``) and the bias, and writes y once.
+  Where ``in`` is even (every real layer) rows start on a byte: each byte is loaded once and decoded to both its
+  elements by one load from a 256-entry pair table (``nf4_decode.code_pairs``), and the two halves multiply the
+  even and the odd columns of x (no interleave); where rows also hold whole blocks and a tile row stays inside one
+  block, each absmax (nested decode included) is decoded once per tile row, not per element. An odd ``in``
+  decodes element by element (``nf4_decode.decode_4bit``).
 - **Large row counts**: the weight is decoded into a per-(device, dtype) scratch buffer
   (``nf4_dequantize(out=...)``, one launch, bit-exact), then the dense op's math (``kernels.lora_linear.forward``,
   with its fused/cublas strategy choice) runs on it. The buffer is overwritten by the next call on that device and
@@ -41,7 +45,7 @@ import triton.language as tl
 from . import lora_linear as dense
 from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, on_device, rank_block
 from .low_rank import project
-from .nf4_decode import TRITON_DTYPES, absmax_operands, block_scale, code_values, decode_4bit
+from .nf4_decode import TRITON_DTYPES, absmax_operands, block_scale, code_pairs, decode_4bit, pair_table
 from .nf4_dequantize import nf4_dequantize
 
 __all__ = ["GEMV_MAX_ROWS", "backward", "forward"]
@@ -50,6 +54,8 @@ GEMV_MAX_ROWS = 64
 
 # (device, dtype) → flat scratch buffer of the largest weight decoded there so far.
 _buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# (format, device) → nf4_decode.pair_table of its code table.
+_pair_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def _config(block_n, block_k, warps, stages):
@@ -57,10 +63,10 @@ def _config(block_n, block_k, warps, stages):
 
 
 # Memory-bound: small feature tiles give enough programs to stream the weight (11008 / 32 = 344 programs for an
-# MLP projection). One row (no dot): at most 32 decoded weights per thread. Several rows (a dot): two stages and
-# tiles of at most 64 × 64, or 32 × 128; larger ones spilled registers or overflowed shared memory compiled for
-# sm_90a (tests/kernel_ops/test_kernels_compile_for_h100.py).
-_ROW_CONFIGS = [_config(16, 256, 4, 3), _config(32, 128, 4, 3), _config(64, 64, 4, 3), _config(32, 256, 8, 3)]
+# MLP projection). One row (no dot): at most 32 decoded weights per thread (32 × 128 with 4 warps spilled). Several
+# rows (a dot): two stages and tiles of at most 64 × 64, or 32 × 128; larger ones spilled registers or overflowed
+# shared memory compiled for sm_90a (tests/kernel_ops/test_kernels_compile_for_h100.py).
+_ROW_CONFIGS = [_config(16, 256, 4, 3), _config(32, 64, 4, 3), _config(64, 64, 4, 3), _config(32, 256, 8, 3)]
 _DOT_CONFIGS = [_config(32, 64, 4, 2), _config(64, 64, 4, 2), _config(32, 128, 4, 2), _config(64, 64, 8, 2)]
 
 
@@ -68,6 +74,37 @@ def _prune_gemv_configs(configs, named_args, **constexprs):
     """The one-row configs for one row, the dot configs otherwise (the interpreter's single config for both)."""
     kept = [config for config in configs if (config in _ROW_CONFIGS) == (constexprs["BLOCK_M"] == 1)]
     return kept or configs
+
+
+@triton.jit
+def _accumulate(
+    weight,
+    x_ptr,
+    rows,
+    cols,
+    col_ok,
+    row_ok,
+    stride_x_m,
+    stride_x_k,
+    acc,
+    WEIGHT_DTYPE,
+    BLOCK_M,
+    FP32_PRECISION,
+):
+    """``acc [BLOCK_N, BLOCK_M] + weight · x[rows, cols]ᵀ``: ``weight`` (fp32 decoded values of W's columns
+    ``cols``) rounded to ``WEIGHT_DTYPE`` and then x's dtype first, as bnb's ``dequantize_4bit(...).to(x.dtype)``."""
+    x_dtype = x_ptr.dtype.element_ty
+    weight = cast(cast(weight, WEIGHT_DTYPE), x_dtype)
+    x_t = tl.load(
+        x_ptr + rows[None, :] * stride_x_m + cols[:, None] * stride_x_k,
+        mask=col_ok[:, None] & row_ok[None, :],
+        other=0.0,
+    )  # [columns, BLOCK_M]
+    if BLOCK_M == 1:
+        acc += tl.sum(weight.to(tl.float32)[:, :, None] * x_t.to(tl.float32)[None, :, :], axis=1)
+    else:
+        acc = dot_acc(weight, x_t, acc, FP32_PRECISION)
+    return acc
 
 
 @triton.autotune(
@@ -80,6 +117,7 @@ def _gemv_kernel(
     x_ptr,  # [M, K]
     packed_ptr,  # [ceil(N·K / 2)] uint8: W [N, K] packed, row-major
     code_ptr,  # [16] fp32
+    pair_table_ptr,  # [256] int64: nf4_decode.pair_table(code)
     absmax_ptr,  # [blocks] fp32, or uint8 when NESTED
     absmax2_ptr,
     code2_ptr,
@@ -109,6 +147,7 @@ def _gemv_kernel(
     ABSMAX2_DTYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WIDE_INDEX: tl.constexpr,
+    EVEN_K: tl.constexpr,
     WHOLE_BLOCK_ROWS: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
     LOW_RANK_PRECISION: tl.constexpr,
@@ -125,39 +164,50 @@ def _gemv_kernel(
     feature_ok = features < N
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    ks = tl.arange(0, BLOCK_K)
     # Flat index of each feature's row of W (blocks cross rows); 32-bit unless W has 2**31 elements or more.
     first_element = features.to(tl.int64) * K if WIDE_INDEX else features * K
-    x_dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
-        k = k_start + ks
-        k_ok = k < K
-        elements = first_element[:, None] + k[None, :]
-        in_bounds = feature_ok[:, None] & k_ok[None, :]
-        if tl.constexpr(WHOLE_BLOCK_ROWS and BLOCKSIZE % BLOCK_K == 0):
-            # Each row of the tile lies in one 4-bit block: its scale (nested decode included) once per row.
-            row_absmax = block_scale(
-                (first_element + k_start) // BLOCKSIZE, feature_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset,
-                BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+        if EVEN_K:
+            # Rows start on a byte: byte j of the tile row holds elements 2j and 2j + 1. One byte load and one
+            # pair-table load decode both, and they multiply the even and the odd columns of x: no interleave.
+            pairs = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+            pair_ok = pairs < K // 2
+            in_bounds = feature_ok[:, None] & pair_ok[None, :]
+            byte_indices = first_element[:, None] // 2 + pairs[None, :]
+            first, second = code_pairs(byte_indices, in_bounds, packed_ptr, pair_table_ptr)
+            if tl.constexpr(WHOLE_BLOCK_ROWS and BLOCKSIZE % BLOCK_K == 0):
+                # Each tile row lies in one 4-bit block: its absmax (nested decode included) once per row.
+                absmax = block_scale(
+                    (first_element + k_start) // BLOCKSIZE, feature_ok, absmax_ptr, absmax2_ptr, code2_ptr,
+                    offset, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+                )[:, None]  # fmt: skip
+            else:
+                absmax = block_scale(
+                    (2 * byte_indices) // BLOCKSIZE, in_bounds, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+                    BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+                )  # fmt: skip
+            acc = _accumulate(
+                first * absmax, x_ptr, rows, 2 * pairs, pair_ok, row_ok, stride_x_m, stride_x_k, acc,
+                WEIGHT_DTYPE, BLOCK_M, FP32_PRECISION,
             )  # fmt: skip
-            weight = code_values(elements, in_bounds, packed_ptr, code_ptr) * row_absmax[:, None]
+            acc = _accumulate(
+                second * absmax, x_ptr, rows, 2 * pairs + 1, pair_ok, row_ok, stride_x_m, stride_x_k, acc,
+                WEIGHT_DTYPE, BLOCK_M, FP32_PRECISION,
+            )  # fmt: skip
         else:
+            # An odd width: rows start mid-byte, so each element is decoded on its own.
+            k = k_start + tl.arange(0, BLOCK_K)
+            k_ok = k < K
             weight = decode_4bit(
-                elements, in_bounds, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE,
-                BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+                first_element[:, None] + k[None, :], feature_ok[:, None] & k_ok[None, :], packed_ptr, code_ptr,
+                absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
             )  # fmt: skip
-        weight = cast(cast(weight, WEIGHT_DTYPE), x_dtype)  # as bnb's dequantize_4bit(...).to(x.dtype)
-        x_t = tl.load(
-            x_ptr + rows[None, :] * stride_x_m + k[:, None] * stride_x_k,
-            mask=k_ok[:, None] & row_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_M]
-        if BLOCK_M == 1:
-            acc += tl.sum(weight.to(tl.float32)[:, :, None] * x_t.to(tl.float32)[None, :, :], axis=1)
-        else:
-            acc = dot_acc(weight, x_t, acc, FP32_PRECISION)
+            acc = _accumulate(
+                weight, x_ptr, rows, k, k_ok, row_ok, stride_x_m, stride_x_k, acc, WEIGHT_DTYPE, BLOCK_M,
+                FP32_PRECISION,
+            )  # fmt: skip
 
     # The rank-r expand, s · xa Bᵀ, in chunks of BLOCK_R ranks.
     low_rank = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -198,6 +248,7 @@ def _gemv(x_rows, weight4, bias, xa, lora_B, scaling) -> torch.Tensor:
     quant_state = weight4.quant_state
     _gemv_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
         x_rows, weight4.packed.reshape(-1).view(torch.uint8), weight4.code,
+        pair_table_ptr=_pair_table(quant_state.quant_type, weight4.code),
         bias_ptr=bias if bias is not None else out, xa_ptr=xa, lora_B_ptr=lora_B, out_ptr=out, M=n_rows,
         N=out_features, K=in_features, R=xa.shape[1], stride_x_m=x_rows.stride(0), stride_x_k=x_rows.stride(1),
         stride_bias=bias.stride(0) if bias is not None else 0, stride_xa_m=xa.stride(0),
@@ -205,10 +256,18 @@ def _gemv(x_rows, weight4, bias, xa, lora_B, scaling) -> torch.Tensor:
         stride_out_m=out.stride(0), stride_out_n=out.stride(1), scale=float(scaling),
         WEIGHT_DTYPE=TRITON_DTYPES[quant_state.dtype], BLOCKSIZE=quant_state.blocksize,
         HAS_BIAS=bias is not None, WIDE_INDEX=out_features * in_features >= 2**31,
-        WHOLE_BLOCK_ROWS=in_features % quant_state.blocksize == 0, FP32_PRECISION=fp32_dot_precision(), LOW_RANK_PRECISION=low_rank_precision,
+        EVEN_K=in_features % 2 == 0, WHOLE_BLOCK_ROWS=in_features % quant_state.blocksize == 0, FP32_PRECISION=fp32_dot_precision(), LOW_RANK_PRECISION=low_rank_precision,
         BLOCK_M=block_m, BLOCK_R=rank_block(xa.shape[1]), **absmax_operands(quant_state),
     )  # fmt: skip
     return out
+
+
+def _pair_table(quant_type: str, code: torch.Tensor) -> torch.Tensor:
+    """``nf4_decode.pair_table`` of the format's code table, built once per format and device."""
+    key = (quant_type, code.device)
+    if key not in _pair_tables:
+        _pair_tables[key] = pair_table(code)
+    return _pair_tables[key]
 
 
 def decoded_weight(weight4, dtype: torch.dtype) -> torch.Tensor:

@@ -301,7 +301,7 @@ def _gemv_4bit_cases():
     out_features, in_features = 11008, 4096
     args = {
         "x_ptr": _tensor(torch.bfloat16), "packed_ptr": _tensor(torch.uint8), "code_ptr": _tensor(torch.float32),
-        "absmax_ptr": _tensor(torch.uint8), "absmax2_ptr": _tensor(torch.float32),
+        "pair_table_ptr": _tensor(torch.int64), "absmax_ptr": _tensor(torch.uint8), "absmax2_ptr": _tensor(torch.float32),
         "code2_ptr": _tensor(torch.float32), "bias_ptr": _tensor(torch.bfloat16), "xa_ptr": _tensor(torch.float32),
         "lora_B_ptr": _tensor(torch.float32), "out_ptr": _tensor(torch.bfloat16), "N": out_features,
         "K": in_features, "R": RANK, "stride_x_m": in_features, "stride_x_k": 1, "stride_bias": 1,
@@ -313,7 +313,7 @@ def _gemv_4bit_cases():
             "WEIGHT_DTYPE": triton.language.bfloat16, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True,
             "ABSMAX2_DTYPE": triton.language.float32, "HAS_BIAS": True, "FP32_PRECISION": "tf32x3",
             "LOW_RANK_PRECISION": "tf32", "BLOCK_M": rows, "BLOCK_R": RANK, "WIDE_INDEX": False,
-            "WHOLE_BLOCK_ROWS": True,
+            "EVEN_K": True, "WHOLE_BLOCK_ROWS": True,
         }  # fmt: skip
         yield from _autotuned(
             f"gemv_4bit: {rows} row{'s' if rows > 1 else ''}, nf4 double quant, bf16 x, fp32 adapters",

@@ -111,13 +111,24 @@ def test_gemv_decodes_other_blocksizes(blocksize):
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
-@pytest.mark.parametrize("blocksize", [32, 64])
-def test_gemv_on_rows_of_whole_blocks_decodes_each_scale_once_per_row_and_matches_the_reference(
-    blocksize, double_quant
+@pytest.mark.parametrize(
+    ("in_features", "blocksize"),
+    [(46, 64), (64, 32), (64, 64)],
+    ids=["even-rows-across-blocks", "whole-blocks-of-32", "whole-blocks-of-64"],
+)
+def test_gemv_on_even_widths_decodes_bytes_in_pairs_and_matches_the_reference(
+    in_features, blocksize, double_quant
 ):
-    # in = 64: every row holds whole blocks, and the interpreter's 32-wide K tiles stay inside one block.
-    weight4 = _weight4(blocksize=blocksize, double_quant=double_quant, in_features=64)
-    _assert_matches_reference((GEMV_ROWS,), torch.float32, weight4, in_features=64)
+    # An even width starts every row on a byte (the paired decode); with whole blocks per row and the
+    # interpreter's 32-wide K tiles inside one block, each block's absmax is decoded once per tile row.
+    weight4 = _weight4(blocksize=blocksize, double_quant=double_quant, in_features=in_features)
+    _assert_matches_reference((GEMV_ROWS,), torch.float32, weight4, in_features=in_features)
+
+
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS])
+def test_gemv_on_an_even_width_in_bf16_matches_the_reference(rows):
+    weight4 = _weight4(torch.bfloat16, quant_type="fp4", in_features=64)
+    _assert_matches_reference((rows,), torch.bfloat16, weight4, in_features=64)
 
 
 def test_gemv_rounds_the_weight_to_its_quantized_dtype_before_x_dtype():
