@@ -1,16 +1,14 @@
 """Decode bitsandbytes' packed 4-bit weights (NF4/FP4, optionally double-quantized) in one Triton launch.
 
 The format is described in ``reference/nf4_dequantize.py``. Each program decodes ``BLOCK`` consecutive elements of
-the row-major flattened weight: the element's byte (high nibble first), its code through the 16-entry table held
-in registers (``tl.gather``), its block's absmax — decoded inline from the 8-bit nested absmax when the state is
-double-quantized — and one fp32 product, rounded to nearest even into the output dtype.
+the row-major flattened weight with ``nf4_decode.decode_4bit`` (the one decode every 4-bit kernel shares: the
+element's nibble through the 16-entry table held in registers, times its block's absmax, decoded inline from the
+8-bit nested absmax when the state is double-quantized, in fp32), rounded to nearest even into the weight's dtype
+and, when the output buffer has another dtype (``nf4_lora_linear`` decodes into x's dtype, as bitsandbytes'
+``dequantize_4bit(...).to(x.dtype)``), rounded again into that one.
 
 Bit-exactness with ``bitsandbytes.functional.dequantize_4bit`` needs every product and sum rounded where bnb's
-decode rounds it: the nested absmax is ``code2[q] * absmax2`` rounded, then ``+ offset`` rounded. The launch
-therefore passes ``enable_fp_fusion=False`` so the compiler cannot contract that multiply-add into an FMA (which
-would round once); the interpreter never fuses.
-
-Imported by ``kernels/nf4_merge.py`` for the same decode.
+decode rounds it, so the launch passes ``enable_fp_fusion=False`` (see ``nf4_decode``).
 """
 
 from __future__ import annotations
@@ -22,57 +20,11 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRETED, cast, on_device
+from .nf4_decode import TRITON_DTYPES, absmax_operands, decode_4bit
 
-__all__ = ["nf4_dequantize", "absmax_operands"]
+__all__ = ["nf4_dequantize"]
 
 BLOCK, NUM_WARPS = (256, 1) if INTERPRETED else (1024, 4)
-
-TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def absmax_operands(quant_state) -> dict:
-    """The kernel arguments that describe a ``QuantState``'s block scales, plain or nested.
-
-    Unnested, ``absmax_ptr`` is the fp32 absmax and the nested pointers are dummies the kernel never reads.
-    """
-    absmax = quant_state.absmax.reshape(-1)
-    if not quant_state.nested:
-        return {
-            "absmax_ptr": absmax, "absmax2_ptr": absmax, "code2_ptr": absmax, "offset": 0.0,
-            "BLOCKSIZE2": 1, "NESTED": False, "ABSMAX2_DTYPE": tl.float32,
-        }  # fmt: skip
-    state2 = quant_state.state2
-    return {
-        "absmax_ptr": absmax, "absmax2_ptr": state2.absmax.reshape(-1), "code2_ptr": state2.code,
-        # A 0-dim fp32 tensor: its value is exactly representable as the fp32 scalar argument.
-        "offset": float(quant_state.offset), "BLOCKSIZE2": state2.blocksize, "NESTED": True,
-        "ABSMAX2_DTYPE": TRITON_DTYPES[state2.dtype],
-    }  # fmt: skip
-
-
-@triton.jit
-def block_scale(block, absmax_ptr, absmax2_ptr, code2_ptr, offset, mask, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE):
-    """The fp32 absmax of 4-bit blocks ``block``, decoding the nested absmax when ``NESTED``:
-    ``((code2[q] * absmax2[block // BLOCKSIZE2]) → ABSMAX2_DTYPE) + offset → ABSMAX2_DTYPE → fp32``, as bnb."""
-    if NESTED:
-        quantized = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        code2 = tl.load(code2_ptr + quantized, mask=mask, other=0.0)
-        scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-        decoded = cast(code2 * scale2, ABSMAX2_DTYPE).to(tl.float32)
-        scale = cast(decoded + offset, ABSMAX2_DTYPE).to(tl.float32)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    return scale
-
-
-@triton.jit
-def code_values(packed_ptr, code_ptr, elements, mask):
-    """fp32 ``code[index]`` of the flat element indices ``elements`` (int64) of a packed 4-bit weight."""
-    packed = tl.load(packed_ptr + elements // 2, mask=mask, other=0).to(tl.int32)
-    index = (packed >> (4 - 4 * (elements % 2)).to(tl.int32)) & 0xF
-    # The 16-entry table in registers: a gather, not a load per element.
-    table = tl.load(code_ptr + tl.arange(0, 16))
-    return tl.gather(table, index, 0)
 
 
 @triton.jit
@@ -82,9 +34,10 @@ def _dequantize_kernel(
     absmax_ptr,  # [blocks] fp32, or uint8 when NESTED
     absmax2_ptr,  # [ceil(blocks / BLOCKSIZE2)] fp32 (NESTED only)
     code2_ptr,  # [256] fp32 (NESTED only)
-    out_ptr,  # [NUMEL] OUT_DTYPE
+    out_ptr,  # [NUMEL]: WEIGHT_DTYPE, or another float dtype it is rounded into
     NUMEL,
     offset,
+    WEIGHT_DTYPE: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
@@ -93,19 +46,12 @@ def _dequantize_kernel(
 ):
     elements = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = elements < NUMEL
-    values = code_values(packed_ptr, code_ptr, elements, mask)
-    scale = block_scale(
-        elements // BLOCKSIZE,
-        absmax_ptr,
-        absmax2_ptr,
-        code2_ptr,
-        offset,
-        mask,
-        BLOCKSIZE2,
-        NESTED,
-        ABSMAX2_DTYPE,
-    )
-    tl.store(out_ptr + elements, cast(values * scale, out_ptr.dtype.element_ty), mask=mask)
+    values = decode_4bit(
+        elements, mask, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE, BLOCKSIZE2,
+        NESTED, ABSMAX2_DTYPE,
+    )  # fmt: skip
+    weight = cast(values, WEIGHT_DTYPE)
+    tl.store(out_ptr + elements, cast(weight, out_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.no_grad()
@@ -115,8 +61,9 @@ def nf4_dequantize(
     """``ops.nf4_dequantize`` in Triton; the op checks the operands (and ``out``) first.
 
     ``code``: the format's 16-entry fp32 code table on ``packed``'s device (``quant_state.code`` is not trusted:
-    the op passes the fixed table of ``quant_state.quant_type``). Writes into ``out`` when given (contiguous, ``quant_state.shape`` and ``.dtype``, on ``packed``'s device) and
-    returns it; else into a new tensor.
+    the op passes the fixed table of ``quant_state.quant_type``). Writes into ``out`` when given (contiguous,
+    ``quant_state.shape``, on ``packed``'s device; ``quant_state.dtype`` for the op, or another float dtype the
+    weight is then rounded into, for ``nf4_lora_linear``) and returns it; else into a new tensor.
     """
     shape = tuple(quant_state.shape)
     if out is None:
@@ -130,6 +77,7 @@ def nf4_dequantize(
             code,
             out_ptr=out,
             NUMEL=numel,
+            WEIGHT_DTYPE=TRITON_DTYPES[quant_state.dtype],
             BLOCKSIZE=quant_state.blocksize,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,

@@ -1,6 +1,6 @@
 """Merge a dense delta into a bitsandbytes 4-bit weight in one Triton pass: decode, add, quantize again.
 
-One program per 4-bit block. It decodes the block (``nf4_dequantize``'s helpers, nested absmax inline), rounds it
+One program per 4-bit block. It decodes the block (``nf4_decode.decode_4bit``, nested absmax inline), rounds it
 to the weight's dtype and back to fp32 (the recipe's ``dequantize_4bit(...).float()``), adds the fp32 delta, and
 quantizes the sum with the rule of bitsandbytes' pure-PyTorch ``quantize_4bit`` (the one its CPU backend runs):
 
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._utils import INTERPRETED, cast, on_device
-from .nf4_dequantize import TRITON_DTYPES, absmax_operands, block_scale, code_values
+from .nf4_decode import TRITON_DTYPES, absmax_operands, decode_4bit
 
 __all__ = ["nf4_merge"]
 
@@ -55,19 +55,11 @@ def _merged(
 ):
     """fp32 ``decode(elements).to(WEIGHT_DTYPE).float() + SIGN * delta``; 0 past ``NUMEL`` (bnb's padding)."""
     in_range = elements < NUMEL
-    values = code_values(packed_ptr, code_ptr, elements, in_range)
-    scale = block_scale(
-        elements // BLOCKSIZE,
-        absmax_ptr,
-        absmax2_ptr,
-        code2_ptr,
-        offset,
-        in_range,
-        BLOCKSIZE2,
-        NESTED,
-        ABSMAX2_DTYPE,
-    )
-    weight = cast(values * scale, WEIGHT_DTYPE).to(tl.float32)
+    values = decode_4bit(
+        elements, in_range, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE,
+        BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+    )  # fmt: skip
+    weight = cast(values, WEIGHT_DTYPE).to(tl.float32)
     delta = tl.load(delta_ptr + elements, mask=in_range, other=0.0)
     return tl.where(in_range, weight + SIGN * delta, 0.0)
 

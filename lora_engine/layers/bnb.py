@@ -1,8 +1,12 @@
 """LoRA around bitsandbytes' quantized linear layers (QLoRA): ``Linear4bit`` (NF4/FP4) and ``Linear8bitLt``.
 
-``y = base(x) + Σ_active s_a · (drop_a(x) A_aᵀ) B_aᵀ``: the frozen base runs bitsandbytes' own matmul on the
-quantized weight, the adapters are dense ``lora_A[a]`` / ``lora_B[a]`` (``nn.Linear``, so state-dict keys
-match peft's) and run through ``ops.lora_linear`` with no base weight.
+``y = base(x) + Σ_active s_a · (drop_a(x) A_aᵀ) B_aᵀ``; the adapters are dense ``lora_A[a]`` / ``lora_B[a]``
+(``nn.Linear``, so state-dict keys match peft's). On the reference backend (the CPU by default) the frozen base
+runs bitsandbytes' own matmul on the quantized weight and each adapter runs through ``ops.lora_linear`` with no
+base weight. On the Triton backend (CUDA by default, or ``LORA_ENGINE_BACKEND=triton``) a 4-bit base and its first
+active adapter run as one ``ops.nf4_lora_linear`` call (the weight decoded inside the kernels, for training and
+inference), later adapters as before; under ``torch.compile`` (the op is not a custom op) and for the 8-bit base
+the first way.
 
 Merging cannot add ``s · B A`` in place into a quantized weight: it dequantizes the weight, adds the delta in
 fp32 and quantizes the sum again in the layer's own format (peft's recipe, so merged models equal peft's).
@@ -21,6 +25,7 @@ import warnings
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.functional import QuantState, _convert_weight_packed_for_cpu_inverse
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import nn
 
 from lora_engine import backend
@@ -29,6 +34,7 @@ from lora_engine.layers.dense import LoraLinear
 from lora_engine.ops.lora_linear import lora_linear
 from lora_engine.ops.lora_merge import lora_delta
 from lora_engine.ops.nf4_dequantize import nf4_dequantize
+from lora_engine.ops.nf4_lora_linear import nf4_lora_linear
 from lora_engine.ops.nf4_merge import nf4_merge
 
 
@@ -197,6 +203,44 @@ class LoraLinear4bit(_BnbLoraLinear):
     """LoRA wrapper of a bitsandbytes ``Linear4bit`` (NF4 or FP4, with or without double quantization)."""
 
     bits = 4
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """As ``_BnbLoraLinear.forward``; on the Triton backend the base and the first active adapter run as one
+        ``ops.nf4_lora_linear`` call. Like bitsandbytes' ``Linear4bit.forward``, x is computed in the layer's
+        ``compute_dtype`` (set from the first input when it has none) and the result cast back to x's dtype."""
+        fused = (
+            self.routing is None
+            and not self.disable_adapters
+            and not torch.compiler.is_compiling()
+            and backend.uses_triton("nf4_lora_linear", x.device)
+        )
+        if not fused:
+            return super().forward(x, *args, **kwargs)
+        self._unmerge_if_disabled()
+        active = self._adapters_to_run()
+        if not active or not self._fuses_with_base(active[0]):
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        fix_4bit_weight_quant_state_from_module(base)
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        compute_x = x.to(base.compute_dtype) if base.compute_dtype is not None else x
+        bias = base.bias.to(compute_x.dtype) if base.bias is not None else None
+        packed, quant_state = _portable_4bit(base.weight)
+        first, *others = active
+        lora_A, lora_B = self.lora_factors(first)
+        dropout_p = self.lora_dropout_p[first] if self.training else 0.0
+        result = nf4_lora_linear(
+            compute_x, packed, quant_state, bias, lora_A, lora_B, self.scaling[first], dropout_p
+        ).to(x.dtype)
+        for name in others:
+            result = self._add_adapter_output(x, result, name)
+        return result
+
+    def _fuses_with_base(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name``'s term can run inside the base's matmul (a plain LoRA adapter can)."""
+        return True
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         # peft's rule: the factors take the layer's compute dtype (the weight itself is packed uint8).

@@ -26,6 +26,10 @@ class DoraLinear4bit(DoraMixin, LoraLinear4bit):
         )
         self._requantize(weight)
 
+    def _fuses_with_base(self, adapter_name: str) -> bool:
+        # DoRA rescales the base output itself: it needs the base's result apart from the low-rank term.
+        return not self.is_dora(adapter_name)
+
     def _add_adapter_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         if not self.is_dora(name):
             return super()._add_adapter_output(x, result, name)

@@ -82,7 +82,7 @@ def check_out(out: torch.Tensor, packed: torch.Tensor, quant_state) -> None:
 
 
 @functools.cache
-def _code_on(quant_type: str, device: torch.device) -> torch.Tensor:
+def code_on(quant_type: str, device: torch.device) -> torch.Tensor:
     """The format's code table on ``device``, copied there once."""
     return reference.CODE_TABLES[quant_type].to(device)
 
@@ -97,7 +97,7 @@ def nf4_dequantize(packed: torch.Tensor, quant_state, out: torch.Tensor | None =
     if backend.uses_triton("nf4_dequantize", packed.device):
         from lora_engine.kernels.nf4_dequantize import nf4_dequantize as triton_dequantize
 
-        code = _code_on(quant_state.quant_type, packed.device)
+        code = code_on(quant_state.quant_type, packed.device)
         return triton_dequantize(packed, quant_state, code, out)
     weight = reference.nf4_dequantize(packed, quant_state)
     return weight if out is None else out.copy_(weight)

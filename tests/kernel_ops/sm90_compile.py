@@ -26,6 +26,7 @@ from lora_engine.kernels import (
     lora_merge,
     low_rank,
     nf4_dequantize,
+    nf4_lora_linear,
     nf4_merge,
 )
 from triton.backends.compiler import GPUTarget
@@ -291,7 +292,7 @@ def _nf4_cases():
         }  # fmt: skip
         constexprs = {
             "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "ABSMAX2_DTYPE": triton.language.float32,
-            "BLOCK": nf4_dequantize.BLOCK,
+            "BLOCK": nf4_dequantize.BLOCK, "WEIGHT_DTYPE": triton.language.bfloat16,
         }  # fmt: skip
         result = _compile(
             nf4_dequantize._dequantize_kernel, args, constexprs, nf4_dequantize.NUM_WARPS, 3,
@@ -316,6 +317,34 @@ def _nf4_cases():
             enable_fp_fusion=False,
         )  # fmt: skip
         yield {"case": f"nf4_merge: double quant, blocksize {blocksize}, bf16 weight", **result}
+
+
+def _gemv_4bit_cases():
+    """The 4-bit GEMV at a Llama MLP projection (11008 × 4096, NF4, double quant, bf16 x, fp32 adapters of rank 16),
+    for one row (no dot), 16 rows and 64 rows (tensor-core dots), every config its autotuner keeps."""
+    out_features, in_features = 11008, 4096
+    args = {
+        "x_ptr": _tensor(torch.bfloat16), "packed_ptr": _tensor(torch.uint8), "code_ptr": _tensor(torch.float32),
+        "pair_table_ptr": _tensor(torch.int64), "absmax_ptr": _tensor(torch.uint8), "absmax2_ptr": _tensor(torch.float32),
+        "code2_ptr": _tensor(torch.float32), "bias_ptr": _tensor(torch.bfloat16), "xa_ptr": _tensor(torch.float32),
+        "lora_B_ptr": _tensor(torch.float32), "out_ptr": _tensor(torch.bfloat16), "N": out_features,
+        "K": in_features, "R": RANK, "stride_x_m": in_features, "stride_x_k": 1, "stride_bias": 1,
+        "stride_xa_m": RANK, "stride_xa_r": 1, "stride_lora_B_n": RANK, "stride_lora_B_r": 1,
+        "stride_out_m": out_features, "stride_out_n": 1, "offset": 0.01, "scale": 2.0,
+    }  # fmt: skip
+    for rows in (1, 16, 64):
+        constexprs = {
+            "WEIGHT_DTYPE": triton.language.bfloat16, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True,
+            "ABSMAX2_DTYPE": triton.language.float32, "HAS_BIAS": True, "FP32_PRECISION": "tf32x3",
+            "LOW_RANK_PRECISION": "tf32", "BLOCK_M": rows, "BLOCK_R": RANK, "WIDE_INDEX": False,
+            "EVEN_K": True, "WHOLE_BLOCK_ROWS": True,
+        }  # fmt: skip
+        yield from _autotuned(
+            f"gemv_4bit: {rows} row{'s' if rows > 1 else ''}, nf4 double quant, bf16 x, fp32 adapters",
+            nf4_lora_linear._gemv_kernel,
+            {**args, "M": rows},
+            constexprs,
+        )
 
 
 def _grouped_cases():
@@ -357,6 +386,7 @@ def main() -> None:
         *_grad_out_cases(),
         *_merge_cases(),
         *_nf4_cases(),
+        *_gemv_4bit_cases(),
         *_grouped_cases(),
     ):
         print(json.dumps(result), flush=True)

@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len({record["case"] for record in records}) == 21, records
+    assert len({record["case"] for record in records}) == 24, records
     return records
 
 
@@ -80,3 +80,15 @@ def test_the_dx_gemm_with_dropout_keeps_the_tiles_of_the_gemm_without(compiled):
 
     with_dropout = tiles("fused: dx bf16 x, fp32 adapters, dropout")
     assert with_dropout and with_dropout == tiles("fused: forward bf16 x, fp32 adapters, bias")
+
+
+def test_the_4bit_gemv_dots_on_64_feature_tiles_use_wgmma(compiled):
+    # Computed transposed (decoded W tile × xᵀ), a 64-feature tile is a warpgroup MMA's 64-row operand; smaller
+    # tiles, and the one-row path, which has no dot, do not use it.
+    tiles = [
+        record
+        for record in compiled
+        if record["case"].startswith("gemv_4bit") and "1 row," not in record["case"]
+    ]
+    wide = [record for record in tiles if record["config"]["BLOCK_N"] == 64]
+    assert wide and all(record["wgmma"] for record in wide), tiles

@@ -3,6 +3,7 @@ reference backend and on the Triton backend (under the interpreter), before any 
 
 import re
 
+import bitsandbytes.functional as bnb_F
 import pytest
 import torch
 from triton_interpreter import kernels_fixture  # noqa: F401  (registers the `kernels` fixture)
@@ -10,6 +11,7 @@ from triton_interpreter import kernels_fixture  # noqa: F401  (registers the `ke
 from lora_engine import backend
 from lora_engine.ops.lora_linear import lora_linear
 from lora_engine.ops.lora_merge import lora_merge
+from lora_engine.ops.nf4_lora_linear import nf4_lora_linear
 
 pytestmark = pytest.mark.usefixtures("kernels")
 
@@ -110,3 +112,43 @@ def test_lora_merge_refuses_mismatched_shapes_with_one_message_on_both_backends(
     assert raised["triton"] == raised["reference"]
     assert raised["reference"][1].startswith(f"lora_merge: weight {tuple(weight.shape)}")
     assert torch.equal(weight, original)
+
+
+def _nf4_linear_operands():
+    """x, packed, quant_state (NF4, double quant, blocksize 32), bias, lora_A, lora_B."""
+    operands = _linear_operands()
+    packed, quant_state = bnb_F.quantize_4bit(operands.pop("weight"), blocksize=32)
+    x, bias, lora_A, lora_B = operands.values()
+    return {
+        "x": x,
+        "packed": packed,
+        "quant_state": quant_state,
+        "bias": bias,
+        "lora_A": lora_A,
+        "lora_B": lora_B,
+    }
+
+
+NF4_LINEAR_CASES = {
+    "x-width": ({"x": lambda x: x[:, :-1]}, r"x has shape \(6, 9\); expected \[..., 10\]"),
+    "lora_B-out": (
+        {"lora_B": lambda b: b[:-1]},
+        r"lora_A \(3, 10\) and lora_B \(7, 3\) do not fit the weight \(8, 10\)",
+    ),
+    "bias-shape": ({"bias": lambda b: b[:-1]}, r"bias has shape \(7,\); expected \(8,\)"),
+    "bias-dtype": ({"bias": lambda b: b.bfloat16()}, "bias has dtype torch.bfloat16 but x has torch.float32"),
+    "devices": ({"lora_A": lambda a: a.to("meta")}, "operands on different devices .*lora_A on meta"),
+}
+
+
+@pytest.mark.parametrize("case", NF4_LINEAR_CASES)
+def test_nf4_lora_linear_refuses_bad_operands_with_one_message_on_both_backends(monkeypatch, case):
+    change, message = NF4_LINEAR_CASES[case]
+    operands = _nf4_linear_operands()
+    for name, transform in change.items():
+        operands[name] = transform(operands[name].detach())
+    raised = _error_on_each_backend(monkeypatch, lambda: nf4_lora_linear(*operands.values(), 0.5))
+    (error_type, text), triton_raised = raised["reference"], raised["triton"]
+    assert triton_raised == (error_type, text)
+    assert text.startswith("nf4_lora_linear: ")
+    assert re.search(message, text), text
