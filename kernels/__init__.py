@@ -1,7 +1,7 @@
 """Triton kernels of lora_engine, installed as `lora_engine.kernels` (never as a top-level `kernels`).
 
 The Triton backend's math, one module per op (``lora_linear``, ``lora_merge``, ``nf4_dequantize``, ``nf4_merge``,
-``grouped_lora``: the ``forward``/``backward`` or in-place function ``ops/`` dispatches to), plus the kernels they launch (``fused_linear``, ``low_rank``, ``grad_out_pass``) and what
+``grouped_lora``, ``dora_norm``: the ``forward``/``backward`` or in-place function ``ops/`` dispatches to), plus the kernels they launch (``fused_linear``, ``low_rank``, ``grad_out_pass``) and what
 the kernels share (``_utils``). Operand checks, dispatch and autograd live in ``lora_engine.ops``. Imported only
 through the ops, lazily: triton fixes compiled-vs-interpreted when a kernel module is imported.
 """

@@ -144,11 +144,13 @@ def test_dora_norm_names_the_mismatched_factor():
         dora_norm(weight, weight_row_sq_norm(weight), torch.randn(2, 5), torch.randn(7, 2), 1.0)
 
 
-def test_dora_norm_forced_to_triton_says_no_kernel_exists_yet(monkeypatch):
+def test_dora_norm_forced_to_triton_on_cpu_tensors_says_where_its_kernel_runs(monkeypatch):
+    # The kernel itself is tested under the interpreter in tests/kernel_ops/test_dora_norm_kernel.py.
     from lora_engine.ops.dora_norm import dora_norm
 
     monkeypatch.setenv("LORA_ENGINE_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="'dora_norm' has no Triton kernel yet"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="op 'dora_norm' got cpu tensors: Triton runs on CUDA"):
         dora_norm(torch.randn(4, 3), torch.ones(4), torch.randn(1, 3), torch.randn(4, 1), 1.0)
 
 

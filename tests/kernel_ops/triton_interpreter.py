@@ -38,6 +38,7 @@ KERNEL_MODULES = {
     "grouped_lora": "lora_engine.kernels.grouped_lora",
     "nf4_dequantize": "lora_engine.kernels.nf4_dequantize",
     "nf4_merge": "lora_engine.kernels.nf4_merge",
+    "dora_norm": "lora_engine.kernels.dora_norm",
 }
 
 
