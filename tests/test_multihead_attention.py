@@ -291,12 +291,6 @@ def test_mixed_adapter_batch_raises_like_peft(tokens):
         ours(tokens, adapter_names=["default", "__base__"])
 
 
-def test_weighted_adapter_on_attention_is_refused_by_name():
-    _, ours = build_pair()
-    with pytest.raises(ValueError, match="'attn'.*LoraMultiheadAttention.*not supported yet"):
-        ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
-
-
 def test_different_key_and_value_sizes_are_refused_by_name():
     model = TinyAttentionClassifier(kdim=8)
     with pytest.raises(ValueError, match="^attn: .*kdim=8.*same size"):

@@ -291,7 +291,7 @@ def test_mixed_adapter_batch_is_refused_as_in_peft(input_ids):
 def test_weighted_adapter_is_refused_as_in_peft():
     _, ours = build_pair()
     with pytest.raises(
-        ValueError, match="add_weighted_adapter: .*experts.*LoraParameters.*not supported yet"
+        ValueError, match=r"\['default'\] on '.*experts' \(MixtralExperts parameter\(s\).*target_parameters"
     ):
         ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
 
