@@ -290,8 +290,9 @@ def test_param_wrapper_finds_the_module_whose_parameter_peft_wraps():
             vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2,
         )  # fmt: skip
-        torch.manual_seed(0)
-        return MixtralForCausalLM(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return MixtralForCausalLM(config)
 
     # One targeted parameter: peft's one wrapper per parameter and our one per module then coincide.
     config = {"target_modules": [], "target_parameters": ["experts.down_proj"], "r": 2}
