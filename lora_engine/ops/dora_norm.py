@@ -71,6 +71,29 @@ def check_operands(weight, weight_sq_norm, lora_A, lora_B, fan_in_fan_out) -> No
             )
 
 
+# A custom op, so that torch.compile sees the kernel launch as one opaque node (the fake gives its shape) instead of
+# tracing into the launcher; DoRA's forward then stays one graph. No autograd: the norm is detached by contract.
+@torch.library.custom_op("lora_engine::dora_norm", mutates_args=())
+def _triton_dora_norm(
+    weight: torch.Tensor,
+    weight_sq_norm: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    from lora_engine.kernels.dora_norm import dora_norm as triton_norm
+
+    return triton_norm(
+        weight, weight_sq_norm, lora_A, lora_B, scaling, fan_in_fan_out, reference.CANCELLATION
+    )
+
+
+@_triton_dora_norm.register_fake
+def _triton_dora_norm_fake(weight, weight_sq_norm, lora_A, lora_B, scaling, fan_in_fan_out):
+    return weight.new_empty(_out_in(weight, fan_in_fan_out)[0], dtype=torch.float32)
+
+
 def dora_norm(
     weight: torch.Tensor,
     weight_sq_norm: torch.Tensor,
@@ -82,9 +105,5 @@ def dora_norm(
     """fp32 ``[out]`` row norms of ``W + s·B A``; see the module docstring."""
     check_operands(weight, weight_sq_norm, lora_A, lora_B, fan_in_fan_out)
     if backend.uses_triton(OP, weight.device):
-        from lora_engine.kernels.dora_norm import dora_norm as triton_norm
-
-        return triton_norm(
-            weight, weight_sq_norm, lora_A, lora_B, float(scaling), fan_in_fan_out, reference.CANCELLATION
-        )
+        return _triton_dora_norm(weight, weight_sq_norm, lora_A, lora_B, float(scaling), fan_in_fan_out)
     return reference.dora_norm(weight, weight_sq_norm, lora_A, lora_B, float(scaling), fan_in_fan_out)

@@ -111,6 +111,18 @@ def test_the_op_runs_the_kernel_under_the_triton_backend(kernels, monkeypatch):
     torch.testing.assert_close(ours, direct, rtol=1e-5, atol=1e-6)
 
 
+def test_the_op_compiles_to_one_graph_around_the_kernel_with_eager_results(kernels):
+    weight, lora_A, lora_B = _operands(torch.bfloat16)
+    sq_norm = norm_op.weight_row_sq_norm(weight)
+    torch._dynamo.reset()
+    compiled = torch.compile(norm_op.dora_norm, backend="aot_eager", fullgraph=True)
+    try:
+        got = compiled(weight, sq_norm, lora_A, lora_B, 0.5)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, norm_op.dora_norm(weight, sq_norm, lora_A, lora_B, 0.5))
+
+
 def test_the_op_checks_operands_before_the_kernel(kernels):
     weight, lora_A, lora_B = _operands(torch.float32)
     with pytest.raises(ValueError, match=r"lora_B has shape \(36, 3\), expected \(37, 3\)"):
