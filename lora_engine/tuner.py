@@ -22,10 +22,7 @@ from lora_engine.layers.dispatch import as_dora, check_lora_bias, naming_module,
 from lora_engine.layers.dora import DORA_CLASSES
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
-from lora_engine.layers.multihead_attention import LoraMultiheadAttention
-from lora_engine.layers.parameters import LoraParameters
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
-from lora_engine.layers.trainable_tokens import TrainableTokens
 from lora_engine.loftq_config import LoftQConfig
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
@@ -281,13 +278,6 @@ class LoraModel(nn.Module):
         majority_sign_method: str = "total",
     ) -> None:
         """Add ``adapter_name``, the weighted combination of ``adapters``; see ``lora_engine.weighted``."""
-        refused = LoraMultiheadAttention | LoraParameters | TrainableTokens
-        for module_name, layer in self.lora_layers():
-            if isinstance(layer, refused) and any(name in layer.r for name in adapters):
-                raise ValueError(
-                    f"add_weighted_adapter: {module_name!r} holds a {type(layer).__name__} adapter; combining such "
-                    "adapters is not supported yet by lora_engine (peft refuses nn.Parameter targets too)"
-                )
         add_weighted_adapter(
             self,
             adapters,

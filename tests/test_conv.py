@@ -285,14 +285,6 @@ def test_vit_merge_and_unload_equals_peft(pixel_values):
     )
 
 
-def test_combining_conv_adapters_is_refused_naming_the_layer():
-    _, ours = build_pair(make_cnn, target_modules=CNN_TARGETS)
-    ours.add_adapter("other", lora_engine.LoraConfig(target_modules=CNN_TARGETS, r=4))
-    with pytest.raises(ValueError, match=r"convolutions \('.*conv1d'\).*not supported yet"):
-        ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "combined", combination_type="linear")
-    assert "combined" not in ours.peft_config
-
-
 # ------------------------------------------------------------------------------------------------- DoRA
 def test_conv_dora_magnitudes_and_trainable_parameters_match_peft():
     theirs, ours = build_pair(make_cnn, target_modules=CNN_TARGETS, use_dora=True)

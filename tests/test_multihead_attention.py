@@ -1,8 +1,8 @@
 """LoRA on nn.MultiheadAttention (in_proj_weight and out_proj, always both), with peft 0.21.2 as the oracle.
 
-Pairs are built from identical bases; peft's non-trivial adapter (``init_lora_weights=False``) reaches ours
-through peft's saved state dict (in memory, peft nests the out-projection factors under ``base_layer.out_proj``;
-we hold them as ``out_proj_lora_A/B`` and save them under peft's keys).
+Pairs come from ``peft_oracle.build_pair`` (peft's non-trivial adapter reaches ours through peft's saved state
+dict). In memory, peft nests the out-projection factors under ``base_layer.out_proj``; we hold them as
+``out_proj_lora_A/B`` and save them under peft's keys.
 
 peft 0.21.2 adds the out-projection delta twice (``W_out + 2·s·B A``, in its forward and in merge; peft PR #3774,
 open, fixes it). We add it once. So the comparisons of outputs with peft zero the out-projection's ``lora_B``
@@ -10,18 +10,26 @@ open, fixes it). We add it once. So the comparisons of outputs with peft zero th
 against a plain ``nn.MultiheadAttention`` holding ``W + s·B A``.
 """
 
-import copy
-
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from peft_oracle import (
+    TOLERANCE,
+    add_adapter_to_pair,
+    assert_loss_and_gradients_match,
+    assert_same_tensors,
+    reload_in,
+    saved_files,
+    trainable_names_in_peft,
+)
+from peft_oracle import (
+    build_pair as build_oracle_pair,
+)
 from torch import nn
 
 import lora_engine
 from lora_engine.layers.multihead_attention import LoraMultiheadAttention
 
-TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}
 EMBED_DIM, HEADS, CLASSES = 16, 4, 3
 
 
@@ -52,16 +60,20 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
 
 
-def build_pair(zero_out_proj_B: bool = True, **config):
-    """(peft model, our model) holding the same adapter; ``zero_out_proj_B`` hides peft's out_proj bug."""
-    config = {"target_modules": ["attn"], "init_lora_weights": False, "r": 4, **config}
-    theirs = peft.get_peft_model(make_model(), peft.LoraConfig(**copy.deepcopy(config)))
-    if zero_out_proj_B:
+def zero_out_proj_B(adapter_name: str = "default"):
+    """Zero peft's out-projection ``lora_B`` of ``adapter_name``: hides peft's out_proj bug (module docstring)."""
+
+    def prepare(theirs) -> None:
         with torch.no_grad():
-            theirs.get_base_model().attn.base_layer.out_proj.lora_B["default"].weight.zero_()
-    ours = lora_engine.get_peft_model(make_model(), lora_engine.LoraConfig(**copy.deepcopy(config)))
-    lora_engine.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
-    return theirs, ours
+            theirs.get_base_model().attn.base_layer.out_proj.lora_B[adapter_name].weight.zero_()
+
+    return prepare
+
+
+def build_pair(zero_out_proj: bool = True, **config):
+    """(peft model, our model) holding the same adapter; ``zero_out_proj`` hides peft's out_proj bug."""
+    config = {"target_modules": ["attn"], "r": 4, **config}
+    return build_oracle_pair(make_model, config, zero_out_proj_B() if zero_out_proj else None)
 
 
 def reference_model(lora_model) -> TinyAttentionClassifier:
@@ -106,9 +118,7 @@ def test_trainable_parameter_count_matches_peft():
 
 def test_trainable_parameters_are_peft_ones_under_our_names():
     theirs, ours = build_pair()
-    their_names = {name for name, param in theirs.named_parameters() if param.requires_grad}
-    our_names = {our_name_in_peft(name) for name, param in ours.named_parameters() if param.requires_grad}
-    assert our_names == their_names
+    assert trainable_names_in_peft(ours, our_name_in_peft) == trainable_names_in_peft(theirs)
 
 
 def test_default_init_leaves_outputs_unchanged(tokens):
@@ -124,12 +134,12 @@ def test_outputs_match_peft(tokens):
 
 
 def test_outputs_equal_base_attention_with_both_deltas_added_once(tokens):
-    _, ours = build_pair(zero_out_proj_B=False)
+    _, ours = build_pair(zero_out_proj=False)
     torch.testing.assert_close(outputs(ours, tokens), outputs(reference_model(ours), tokens), **TOLERANCE)
 
 
 def test_peft_0_21_2_adds_the_out_proj_delta_twice_which_we_do_not_copy():
-    theirs, ours = build_pair(zero_out_proj_B=False)
+    theirs, ours = build_pair(zero_out_proj=False)
     theirs.merge_adapter()
     ours.merge_adapter()
     base, attn = make_model().attn.out_proj.weight, ours.get_base_model().attn
@@ -154,20 +164,14 @@ def test_attention_weights_are_returned_like_peft(tokens):
 def test_loss_and_every_lora_gradient_match_peft(tokens):
     theirs, ours = build_pair()
     labels = torch.tensor([0, 2])
-    losses = []
-    for model in (theirs, ours):
-        model.train()
-        loss = nn.functional.cross_entropy(model(tokens), labels)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], **TOLERANCE)
-    their_grads = {name: p.grad for name, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {our_name_in_peft(name): p.grad for name, p in ours.named_parameters() if p.requires_grad}
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in our_grads.items():
+    assert_loss_and_gradients_match(
+        theirs,
+        ours,
+        lambda model: nn.functional.cross_entropy(model(tokens), labels),
+        our_name_in_peft,
         # out_proj's lora_B is zero here (see the module docstring), so its lora_A gets no gradient
-        assert grad is not None and (grad.abs().sum() > 0 or "out_proj.lora_A" in name), name
-        torch.testing.assert_close(grad, their_grads[name], **TOLERANCE, msg=name)
+        may_be_zero=lambda name: "out_proj.lora_A" in name,
+    )
 
 
 def test_forward_leaves_base_weights_untouched_and_frozen(tokens):
@@ -182,32 +186,24 @@ def test_forward_leaves_base_weights_untouched_and_frozen(tokens):
 
 
 def test_saved_files_have_peft_keys_and_values(tmp_path):
-    theirs, ours = build_pair(zero_out_proj_B=False)
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours.save_pretrained(tmp_path / "ours")
-    their_state = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    our_state = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert our_state.keys() == their_state.keys()
-    for key, value in our_state.items():
-        torch.testing.assert_close(value, their_state[key], atol=0, rtol=0, msg=key)
+    their_state, our_state = saved_files(*build_pair(zero_out_proj=False), tmp_path)
+    assert_same_tensors(our_state, their_state)
 
 
 def test_peft_loads_our_saved_adapter_with_equal_outputs(tmp_path, tokens):
     _, ours = build_pair()
-    ours.save_pretrained(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(make_model(), tmp_path)
+    loaded = reload_in(peft, ours, make_model, tmp_path)
     torch.testing.assert_close(outputs(loaded, tokens), outputs(ours, tokens), **TOLERANCE)
 
 
 def test_we_load_peft_saved_adapter_with_equal_outputs(tmp_path, tokens):
     theirs, _ = build_pair()
-    theirs.save_pretrained(tmp_path)
-    loaded = lora_engine.PeftModel.from_pretrained(make_model(), tmp_path)
+    loaded = reload_in(lora_engine, theirs, make_model, tmp_path)
     torch.testing.assert_close(outputs(loaded, tokens), outputs(theirs, tokens), **TOLERANCE)
 
 
 def test_merged_in_proj_weight_equals_peft_merged_weight():
-    theirs, ours = build_pair(zero_out_proj_B=False)
+    theirs, ours = build_pair(zero_out_proj=False)
     theirs.merge_adapter()
     ours.merge_adapter()
     their_attn, our_attn = theirs.get_base_model().attn.base_layer, ours.get_base_model().attn.base_layer
@@ -215,7 +211,7 @@ def test_merged_in_proj_weight_equals_peft_merged_weight():
 
 
 def test_merged_weights_equal_reference_weights():
-    _, ours = build_pair(zero_out_proj_B=False)
+    _, ours = build_pair(zero_out_proj=False)
     reference = reference_model(ours).attn
     ours.merge_adapter()
     attn = ours.get_base_model().attn.base_layer
@@ -224,14 +220,14 @@ def test_merged_weights_equal_reference_weights():
 
 
 def test_merged_outputs_equal_unmerged_outputs(tokens):
-    _, ours = build_pair(zero_out_proj_B=False)
+    _, ours = build_pair(zero_out_proj=False)
     unmerged = outputs(ours, tokens)
     ours.merge_adapter()
     torch.testing.assert_close(outputs(ours, tokens), unmerged, **TOLERANCE)
 
 
 def test_unmerge_restores_base_weights():
-    _, ours = build_pair(zero_out_proj_B=False)
+    _, ours = build_pair(zero_out_proj=False)
     base = make_model().attn
     ours.merge_adapter()
     ours.unmerge_adapter()
@@ -252,7 +248,7 @@ def test_merge_and_unload_gives_plain_attention_with_peft_outputs(tokens):
 
 
 def test_disabled_adapter_on_merged_model_gives_base_outputs(tokens):
-    _, ours = build_pair(zero_out_proj_B=False)
+    _, ours = build_pair(zero_out_proj=False)
     ours.merge_adapter()
     with ours.disable_adapter():
         torch.testing.assert_close(outputs(ours, tokens), outputs(make_model(), tokens), **TOLERANCE)
@@ -260,14 +256,7 @@ def test_disabled_adapter_on_merged_model_gives_base_outputs(tokens):
 
 def test_two_active_adapters_sum_like_peft(tokens):
     theirs, ours = build_pair()
-    config = {"target_modules": ["attn"], "init_lora_weights": False, "r": 2}
-    theirs.add_adapter("other", peft.LoraConfig(**config))
-    with torch.no_grad():
-        theirs.get_base_model().attn.base_layer.out_proj.lora_B["other"].weight.zero_()
-    ours.add_adapter("other", lora_engine.LoraConfig(**config))
-    lora_engine.set_peft_model_state_dict(
-        ours, peft.get_peft_model_state_dict(theirs, adapter_name="other"), "other"
-    )
+    add_adapter_to_pair(theirs, ours, "other", {"target_modules": ["attn"], "r": 2}, zero_out_proj_B("other"))
     theirs.base_model.set_adapter(["default", "other"])
     ours.base_model.set_adapter(["default", "other"])
     torch.testing.assert_close(outputs(ours, tokens), outputs(theirs, tokens), **TOLERANCE)
@@ -289,12 +278,6 @@ def test_mixed_adapter_batch_raises_like_peft(tokens):
     ours.eval()
     with pytest.raises(TypeError, match="MultiheadAttention does not support mixed adapter batches"):
         ours(tokens, adapter_names=["default", "__base__"])
-
-
-def test_weighted_adapter_on_attention_is_refused_by_name():
-    _, ours = build_pair()
-    with pytest.raises(ValueError, match="'attn'.*LoraMultiheadAttention.*not supported yet"):
-        ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
 
 
 def test_different_key_and_value_sizes_are_refused_by_name():

@@ -10,6 +10,7 @@ import peft.tuners.tuners_utils
 import peft.utils
 import pytest
 import torch
+from torch import nn
 
 import lora_engine
 from lora_engine.peft_names import UNSUPPORTED, UnsupportedPeftName
@@ -200,3 +201,106 @@ def test_importing_lora_engine_and_its_peft_paths_does_not_import_peft():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------ lora_engine.tuners.lora
+PEFT_TUNERS_LORA_NAMES = sorted(name for name in dir(peft.tuners.lora) if not name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", PEFT_TUNERS_LORA_NAMES)
+def test_every_peft_tuners_lora_name_is_ours_or_refused_saying_why(name):
+    import lora_engine.tuners.lora as ours
+
+    if name in ours.__all__:
+        assert getattr(ours, name) is not None
+    else:
+        with pytest.raises(
+            UnsupportedPeftName, match=f"peft's .*{name} is .*so lora_engine.tuners.lora has no"
+        ):
+            getattr(ours, name)
+
+
+class EveryKind(nn.Module):
+    """One module of each kind peft's LoRA layer classes wrap (no forward: only the wrapping is compared)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(4, 6, 3)
+        self.conv2d = nn.Conv2d(4, 6, 3)
+        self.conv3d = nn.Conv3d(4, 6, 3)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.embed = nn.Embedding(10, 8)
+        self.linear = nn.Linear(8, 6)
+
+
+def _wrapped_by_class(use_dora: bool) -> list[tuple[str, set[str], set[str]]]:
+    """``(peft class name, modules peft's class finds, modules ours finds)`` for every layer class."""
+    import lora_engine.tuners.lora as ours
+
+    targets = ["conv1d", "conv2d", "conv3d", "embed", "linear", *([] if use_dora else ["attn"])]
+    models = [
+        library.get_peft_model(
+            EveryKind(), library.LoraConfig(target_modules=targets, r=2, use_dora=use_dora)
+        )
+        for library in (peft, lora_engine)
+    ]
+    their_classes = {
+        name: getattr(peft.tuners.lora, name, None) or getattr(peft.tuners.lora.layer, name)
+        for name in ("Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoraLayer", "MultiheadAttention")
+    }
+    found = []
+    for name, their_class in their_classes.items():
+        our_class = getattr(ours, name)
+        theirs, mine = (
+            {module_name for module_name, module in model.named_modules() if isinstance(module, cls)}
+            for model, cls in zip(models, (their_class, our_class))
+        )
+        found.append((name, theirs, mine))
+    return found
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_tuners_lora_layer_classes_find_the_modules_peft_classes_find(use_dora):
+    for name, theirs, ours in _wrapped_by_class(use_dora):
+        # peft nests a LoRA Linear in its attention wrapper (base_layer.out_proj); we hold those factors inline.
+        theirs = {module for module in theirs if "attn.base_layer.out_proj" not in module}
+        assert ours == theirs, name
+        assert ours or (name == "MultiheadAttention" and use_dora), name
+
+
+def test_conv_classes_are_views_of_our_one_conv_wrapper_for_isinstance_only():
+    from lora_engine.layers.conv import LoraConv
+    from lora_engine.tuners.lora import Conv1d, Conv2d, LoraLayer
+
+    assert issubclass(Conv2d, LoraConv) and issubclass(Conv2d, LoraLayer)
+    model = lora_engine.get_peft_model(EveryKind(), lora_engine.LoraConfig(target_modules=["conv1d"], r=2))
+    wrapper = model.get_base_model().conv1d
+    assert isinstance(wrapper, Conv1d) and not isinstance(wrapper, Conv2d)
+    with pytest.raises(TypeError, match="Conv2d is for isinstance checks"):
+        Conv2d(nn.Conv2d(4, 6, 3))
+
+
+def test_param_wrapper_finds_the_module_whose_parameter_peft_wraps():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lora_engine.tuners.lora import ParamWrapper
+
+    def make_moe():
+        config = MixtralConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return MixtralForCausalLM(config)
+
+    # One targeted parameter: peft's one wrapper per parameter and our one per module then coincide.
+    config = {"target_modules": [], "target_parameters": ["experts.down_proj"], "r": 2}
+    found = [
+        {name for name, module in model.named_modules() if isinstance(module, cls)}
+        for model, cls in (
+            (peft.get_peft_model(make_moe(), peft.LoraConfig(**config)), peft.tuners.lora.ParamWrapper),
+            (lora_engine.get_peft_model(make_moe(), lora_engine.LoraConfig(**config)), ParamWrapper),
+        )
+    ]
+    assert found[0] == found[1] == {"base_model.model.model.layers.0.mlp.experts"}

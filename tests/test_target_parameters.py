@@ -1,23 +1,31 @@
 """LoRA on nn.Parameters (``target_parameters``), with peft 0.21.2 as the oracle, on tiny MoE models built from
 transformers configs: Mixtral (experts stacked ``[E, out, in]``) and GPT-OSS (``is_transposed``: ``[E, in, out]``).
 
-Pairs are built from identical bases; peft's non-trivial adapter (``init_lora_weights=False``) reaches ours through
-peft's saved state dict (peft nests one wrapper per parameter; we hold both in one and save under peft's keys).
+Pairs come from ``peft_oracle.build_pair`` (peft's non-trivial adapter reaches ours through peft's saved state
+dict). peft nests one wrapper per parameter; we hold both in one and save under peft's keys.
 """
-
-import copy
 
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from peft_oracle import (
+    TOLERANCE,
+    add_adapter_to_pair,
+    assert_loss_and_gradients_match,
+    assert_same_tensors,
+    reload_in,
+    saved_files,
+    trainable_names_in_peft,
+)
+from peft_oracle import (
+    build_pair as build_oracle_pair,
+)
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import lora_engine
 from lora_engine.layers.parameters import LoraParameters
 
-TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}
 VOCAB = 64
 EXPERTS = "model.layers.0.mlp.experts"
 BOTH = ["experts.gate_up_proj", "experts.down_proj"]
@@ -63,11 +71,7 @@ def input_ids() -> torch.Tensor:
 
 
 def build_pair(make=make_mixtral, **config):
-    config = {"target_modules": [], "target_parameters": BOTH, "init_lora_weights": False, "r": 2, **config}
-    theirs = peft.get_peft_model(make(), peft.LoraConfig(**copy.deepcopy(config)))
-    ours = lora_engine.get_peft_model(make(), lora_engine.LoraConfig(**copy.deepcopy(config)))
-    lora_engine.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
-    return theirs, ours
+    return build_oracle_pair(make, {"target_modules": [], "target_parameters": BOTH, "r": 2, **config})
 
 
 def our_name_in_peft(name: str) -> str:
@@ -108,9 +112,7 @@ def test_trainable_parameter_count_matches_peft():
 
 def test_trainable_parameters_are_peft_ones_under_our_names():
     theirs, ours = build_pair()
-    their_names = {name for name, param in theirs.named_parameters() if param.requires_grad}
-    our_names = {our_name_in_peft(name) for name, param in ours.named_parameters() if param.requires_grad}
-    assert our_names == their_names
+    assert trainable_names_in_peft(ours, our_name_in_peft) == trainable_names_in_peft(theirs)
 
 
 def test_default_init_leaves_logits_unchanged(input_ids):
@@ -132,19 +134,9 @@ def test_one_targeted_parameter_logits_match_peft(input_ids):
 
 def test_loss_and_every_lora_gradient_match_peft(input_ids):
     theirs, ours = build_pair()
-    losses = []
-    for model in (theirs, ours):
-        model.train()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], **TOLERANCE)
-    their_grads = {name: p.grad for name, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {our_name_in_peft(name): p.grad for name, p in ours.named_parameters() if p.requires_grad}
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in our_grads.items():
-        assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, their_grads[name], **TOLERANCE, msg=name)
+    assert_loss_and_gradients_match(
+        theirs, ours, lambda model: model(input_ids=input_ids, labels=input_ids).loss, our_name_in_peft
+    )
 
 
 def test_expert_parameters_stay_frozen_and_unwritten_by_training_steps(input_ids):
@@ -159,27 +151,19 @@ def test_expert_parameters_stay_frozen_and_unwritten_by_training_steps(input_ids
 
 
 def test_saved_files_have_peft_keys_and_values(tmp_path):
-    theirs, ours = build_pair()
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours.save_pretrained(tmp_path / "ours")
-    their_state = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    our_state = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert our_state.keys() == their_state.keys()
-    for key, value in our_state.items():
-        torch.testing.assert_close(value, their_state[key], atol=0, rtol=0, msg=key)
+    their_state, our_state = saved_files(*build_pair(), tmp_path)
+    assert_same_tensors(our_state, their_state)
 
 
 def test_peft_loads_our_saved_adapter_with_equal_logits(tmp_path, input_ids):
     _, ours = build_pair()
-    ours.save_pretrained(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(make_mixtral(), tmp_path)
+    loaded = reload_in(peft, ours, make_mixtral, tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), logits(ours, input_ids), **TOLERANCE)
 
 
 def test_we_load_peft_saved_adapter_with_equal_logits(tmp_path, input_ids):
     theirs, _ = build_pair()
-    theirs.save_pretrained(tmp_path)
-    loaded = lora_engine.PeftModel.from_pretrained(make_mixtral(), tmp_path)
+    loaded = reload_in(lora_engine, theirs, make_mixtral, tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), logits(theirs, input_ids), **TOLERANCE)
 
 
@@ -216,11 +200,7 @@ def test_disabled_adapter_gives_base_logits(input_ids):
 
 def test_two_active_adapters_sum_like_peft(input_ids):
     theirs, ours = build_pair()
-    config = {"target_modules": [], "target_parameters": BOTH, "init_lora_weights": False, "r": 3}
-    theirs.add_adapter("other", peft.LoraConfig(**config))
-    ours.add_adapter("other", lora_engine.LoraConfig(**config))
-    their_state = peft.get_peft_model_state_dict(theirs, adapter_name="other")
-    lora_engine.set_peft_model_state_dict(ours, their_state, "other")
+    add_adapter_to_pair(theirs, ours, "other", {"target_modules": [], "target_parameters": BOTH, "r": 3})
     theirs.base_model.set_adapter(["default", "other"])
     ours.base_model.set_adapter(["default", "other"])
     torch.testing.assert_close(logits(ours, input_ids), logits(theirs, input_ids), **TOLERANCE)
@@ -291,7 +271,7 @@ def test_mixed_adapter_batch_is_refused_as_in_peft(input_ids):
 def test_weighted_adapter_is_refused_as_in_peft():
     _, ours = build_pair()
     with pytest.raises(
-        ValueError, match="add_weighted_adapter: .*experts.*LoraParameters.*not supported yet"
+        ValueError, match=r"\['default'\] on '.*experts' \(MixtralExperts parameter\(s\).*target_parameters"
     ):
         ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
 

@@ -1,24 +1,31 @@
 """``trainable_token_indices`` (trainable embedding rows) next to LoRA, with peft 0.21.2 as the oracle, on a tiny
 Llama with untied and with tied (``tie_word_embeddings``) input/output embeddings.
 
-Pairs are built from identical bases; peft's rows are set to random values (so the adapter changes the outputs)
-and reach ours through peft's saved state dict.
+Pairs come from ``peft_oracle.build_pair``; peft's rows are set to random values first (so the adapter changes the
+outputs) and reach ours through peft's saved state dict.
 """
-
-import copy
 
 import peft
 import pytest
 import torch
 from conftest import tiny_llama_config
-from safetensors.torch import load_file
+from peft_oracle import (
+    TOLERANCE,
+    assert_loss_and_gradients_match,
+    assert_same_tensors,
+    reload_in,
+    saved_files,
+    trainable_names_in_peft,
+)
+from peft_oracle import (
+    build_pair as build_oracle_pair,
+)
 from torch import nn
 from transformers import LlamaForCausalLM
 
 import lora_engine
 from lora_engine.layers.trainable_tokens import TrainableTokens
 
-TOLERANCE = {"atol": 1e-6, "rtol": 1e-5}
 TOKENS = [1, 5, 7]
 EMBED = "model.embed_tokens"
 
@@ -36,22 +43,18 @@ def input_ids() -> torch.Tensor:
     return torch.tensor([[1, 5, 7, 3, 9], [7, 7, 2, 1, 0]])
 
 
-def build_pair(tied: bool = False, **config):
-    config = {
-        "target_modules": ["q_proj"],
-        "trainable_token_indices": TOKENS,
-        "init_lora_weights": False,
-        **config,
-    }
-    theirs = peft.get_peft_model(make_llama(tied), peft.LoraConfig(**copy.deepcopy(config)))
-    ours = lora_engine.get_peft_model(make_llama(tied), lora_engine.LoraConfig(**copy.deepcopy(config)))
+def randomize_token_rows(theirs) -> None:
+    """Trained-looking rows (peft starts them at the embedding's own rows, a no-op)."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(1)
         for name, param in theirs.named_parameters():
             if "trainable_tokens_delta" in name:
                 param.normal_()
-    lora_engine.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
-    return theirs, ours
+
+
+def build_pair(tied: bool = False, **config):
+    config = {"target_modules": ["q_proj"], "trainable_token_indices": TOKENS, **config}
+    return build_oracle_pair(lambda: make_llama(tied), config, randomize_token_rows)
 
 
 def our_name_in_peft(name: str) -> str:
@@ -79,9 +82,7 @@ def test_trainable_parameter_count_matches_peft(tied):
 @TIED
 def test_trainable_parameters_are_peft_ones_under_our_names(tied):
     theirs, ours = build_pair(tied)
-    their_names = {name for name, param in theirs.named_parameters() if param.requires_grad}
-    our_names = {our_name_in_peft(name) for name, param in ours.named_parameters() if param.requires_grad}
-    assert our_names == their_names
+    assert trainable_names_in_peft(ours, our_name_in_peft) == trainable_names_in_peft(theirs)
 
 
 def test_tied_output_embedding_shares_the_input_rows():
@@ -121,19 +122,9 @@ def test_dict_of_module_names_matches_peft(input_ids):
 @TIED
 def test_loss_and_every_gradient_match_peft(tied, input_ids):
     theirs, ours = build_pair(tied)
-    losses = []
-    for model in (theirs, ours):
-        model.train()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], **TOLERANCE)
-    their_grads = {name: p.grad for name, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {our_name_in_peft(name): p.grad for name, p in ours.named_parameters() if p.requires_grad}
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in our_grads.items():
-        assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, their_grads[name], **TOLERANCE, msg=name)
+    assert_loss_and_gradients_match(
+        theirs, ours, lambda model: model(input_ids=input_ids, labels=input_ids).loss, our_name_in_peft
+    )
 
 
 def test_training_leaves_the_embedding_weight_frozen_and_unwritten(input_ids):
@@ -148,30 +139,22 @@ def test_training_leaves_the_embedding_weight_frozen_and_unwritten(input_ids):
 
 @TIED
 def test_saved_files_have_peft_keys_and_values(tied, tmp_path):
-    theirs, ours = build_pair(tied)
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours.save_pretrained(tmp_path / "ours")
-    their_state = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    our_state = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert our_state.keys() == their_state.keys()
+    their_state, our_state = saved_files(*build_pair(tied), tmp_path)
     assert f"base_model.model.{EMBED}.token_adapter.trainable_tokens_delta" in our_state
-    for key, value in our_state.items():
-        torch.testing.assert_close(value, their_state[key], atol=0, rtol=0, msg=key)
+    assert_same_tensors(our_state, their_state)
 
 
 @TIED
 def test_peft_loads_our_saved_adapter_with_equal_logits(tied, tmp_path, input_ids):
     _, ours = build_pair(tied)
-    ours.save_pretrained(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(make_llama(tied), tmp_path)
+    loaded = reload_in(peft, ours, lambda: make_llama(tied), tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), logits(ours, input_ids), **TOLERANCE)
 
 
 @TIED
 def test_we_load_peft_saved_adapter_with_equal_logits(tied, tmp_path, input_ids):
     theirs, _ = build_pair(tied)
-    theirs.save_pretrained(tmp_path)
-    loaded = lora_engine.PeftModel.from_pretrained(make_llama(tied), tmp_path)
+    loaded = reload_in(lora_engine, theirs, lambda: make_llama(tied), tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), logits(theirs, input_ids), **TOLERANCE)
 
 

@@ -50,7 +50,7 @@ class LoraParameters(LoraLayer):
     """LoRA wrapper of a module whose ``parameter_names`` (one or more ``nn.Parameter``s) carry the adapters.
 
     Every targeted parameter of one adapter has the same ``r`` and scaling. Mixed adapter batches raise
-    ``ValueError`` (peft raises too); ``add_weighted_adapter`` is refused by ``LoraModel`` (as peft does).
+    ``ValueError`` (peft raises too); ``add_weighted_adapter`` refuses it (as peft does).
     """
 
     def __init__(self, module_name: str, base_layer: nn.Module, parameter_names: list[str]) -> None:

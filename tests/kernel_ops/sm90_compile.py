@@ -20,6 +20,7 @@ import tempfile
 import torch
 import triton
 from lora_engine.kernels import (
+    dora_norm,
     fused_linear,
     grad_out_pass,
     grouped_lora,
@@ -377,6 +378,33 @@ def _grouped_cases():
     yield {"case": "grouped_lora: expand, bf16", "large_dot": True, **result}
 
 
+def _dora_cases():
+    """DoRA's row norms at rank 16 and at the largest rank tile (64), and the ``‖W_o‖²`` cache."""
+    tiles = {"BLOCK_OUT": dora_norm.BLOCK_OUT, "BLOCK_IN": dora_norm.BLOCK_IN}
+    for name, weight_dtype, weight_strides, rank in [
+        ("bf16 weight, rank 16", torch.bfloat16, (IN_FEATURES, 1), RANK),
+        ("bf16 weight, rank 64", torch.bfloat16, (IN_FEATURES, 1), 64),
+        ("fp32 weight stored [in, out] (Conv1D), rank 16", torch.float32, (1, OUT_FEATURES), RANK),
+    ]:
+        args = {
+            "weight_ptr": _tensor(weight_dtype), "sq_norm_ptr": _tensor(torch.float32),
+            "lora_A_ptr": _tensor(torch.float32), "lora_B_ptr": _tensor(torch.float32),
+            "gram_ptr": _tensor(torch.float32), "norm_ptr": _tensor(torch.float32), "OUT": OUT_FEATURES,
+            "IN": IN_FEATURES, "R": rank, "stride_w_out": weight_strides[0], "stride_w_in": weight_strides[1],
+            "stride_a_r": IN_FEATURES, "stride_a_in": 1, "stride_b_out": rank, "stride_b_r": 1, "scale": 2.0,
+            "cancellation": 0.01,
+        }  # fmt: skip
+        constexprs = {"FP32_PRECISION": "tf32x3", "BLOCK_R": rank, **tiles}
+        result = _compile(dora_norm._row_norm_kernel, args, constexprs, dora_norm.NUM_WARPS, 3)
+        yield {"case": f"dora_norm: row norms, {name}", **result}
+    args = {
+        "weight_ptr": _tensor(torch.bfloat16), "out_ptr": _tensor(torch.float32), "OUT": OUT_FEATURES,
+        "IN": IN_FEATURES, "stride_w_out": IN_FEATURES, "stride_w_in": 1,
+    }  # fmt: skip
+    result = _compile(dora_norm._row_sq_norm_kernel, args, tiles, dora_norm.NUM_WARPS, 3)
+    yield {"case": "dora_norm: ‖W_o‖², bf16 weight", **result}
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
@@ -388,6 +416,7 @@ def main() -> None:
         *_nf4_cases(),
         *_gemv_4bit_cases(),
         *_grouped_cases(),
+        *_dora_cases(),
     ):
         print(json.dumps(result), flush=True)
 

@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len({record["case"] for record in records}) == 24, records
+    assert len({record["case"] for record in records}) == 28, records
     return records
 
 

@@ -12,11 +12,16 @@ pytestmark = pytest.mark.usefixtures("kernels")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-def _peft_llama(llama_factory, dtype, dropout):
+def _peft_llama(llama_factory, dtype, dropout, **options):
     # init_lora_weights=False keeps nn.Linear's init for lora_B, so the adapters are not a no-op; the seed fixes
     # them, so two calls build identical models.
     config = LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        lora_dropout=dropout,
+        init_lora_weights=False,
+        **options,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -56,6 +61,25 @@ def test_logits_and_lora_gradients_match_the_reference_backend(
     assert grads.keys() == want_grads.keys()
     for name, grad in grads.items():
         assert grad.dtype == torch.float32, name  # adapters upcast to fp32
+        _assert_close(grad, want_grads[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-base-fp32-adapters"])
+def test_dora_logits_and_gradients_match_the_reference_backend_with_the_dora_norm_kernel(
+    kernels, llama_factory, input_ids, monkeypatch, dtype
+):
+    model = _peft_llama(llama_factory, dtype, 0.0, use_dora=True).train()
+    calls = []
+    monkeypatch.setattr(kernels.dora_norm, "dora_norm", _counting(kernels.dora_norm.dora_norm, calls))
+    logits, grads = _logits_and_lora_grads(model, input_ids)
+    assert len(calls) == 7 * 2  # every linear layer of both decoder layers took its norm from the kernel
+
+    model.zero_grad()
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "reference")
+    want_logits, want_grads = _logits_and_lora_grads(model, input_ids)
+    _assert_close(logits, want_logits, dtype)
+    assert grads.keys() == want_grads.keys() and any("lora_magnitude_vector" in name for name in grads)
+    for name, grad in grads.items():
         _assert_close(grad, want_grads[name], dtype)
 
 

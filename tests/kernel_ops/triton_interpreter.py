@@ -39,6 +39,7 @@ KERNEL_MODULES = {
     "nf4_dequantize": "lora_engine.kernels.nf4_dequantize",
     "nf4_merge": "lora_engine.kernels.nf4_merge",
     "nf4_lora_linear": "lora_engine.kernels.nf4_lora_linear",
+    "dora_norm": "lora_engine.kernels.dora_norm",
 }
 
 
