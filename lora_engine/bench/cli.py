@@ -87,13 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: torch sees no CUDA device", file=sys.stderr)
         return 2
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    from lora_engine.bench.suite import FAMILIES, INTERPRETABLE
+    from lora_engine.bench.suite import FAMILIES
 
-    known = INTERPRETABLE if args.interpret else FAMILIES
-    families = tuple(name.strip() for name in args.only.split(",")) if args.only else known
-    unknown = sorted(set(families) - set(known))
+    families = tuple(name.strip() for name in args.only.split(",")) if args.only else FAMILIES
+    unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
-        print(f"--only: unknown families {unknown}; choose from {', '.join(known)}", file=sys.stderr)
+        print(f"--only: unknown families {unknown}; choose from {', '.join(FAMILIES)}", file=sys.stderr)
         return 2
     device = torch.device(device_type)
     if not args.interpret:

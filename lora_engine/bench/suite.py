@@ -10,7 +10,7 @@ from lora_engine.bench import layer_workloads, model_workloads
 from lora_engine.bench.case import IMPLS, Case
 from lora_engine.bench.shapes import MODES, SHAPES, Shapes
 
-__all__ = ["DROPOUT", "FAMILIES", "INTERPRETABLE", "MODES", "cases", "mixed_rows"]
+__all__ = ["DROPOUT", "FAMILIES", "MODES", "cases", "mixed_rows"]
 
 FAMILIES = (
     "lora_linear",
@@ -23,9 +23,6 @@ FAMILIES = (
     "memory",
     "dora",
 )
-#: The families ``lora-engine bench --interpret`` can run: every op they call has a Triton kernel (DoRA's norm has
-#: none, and the triton backend refuses an op without one).
-INTERPRETABLE = tuple(family for family in FAMILIES if family != "dora")
 DROPOUT = 0.1
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
