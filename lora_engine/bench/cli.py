@@ -4,8 +4,7 @@
 ``--interpret`` runs the CUDA sweep's code on CPU tensors: the CUDA smoke cases with ``LORA_ENGINE_BACKEND=triton``
 under the Triton interpreter (``TRITON_INTERPRET=1`` set before Python starts, as triton reads it at import), the
 CUDA targets, the roofline columns (peaks assumed, said so) and the strategy notes. Its figures mean nothing; it
-exists so that code only a GPU run would reach has run (``tests/test_bench_interpreted.py``). DoRA is left out:
-its norm op has no kernel, and the triton backend refuses an op without one.
+exists so that code only a GPU run would reach has run (``tests/test_bench_interpreted.py``).
 
 Needs the ``bench`` extra (peft, matplotlib); without it ``main`` says how to install it and returns 2.
 """
