@@ -37,8 +37,6 @@ loaded without peft and its modules must be given them under peft's names (torch
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.metadata
 import sys
 from types import ModuleType
 
@@ -89,6 +87,8 @@ _in_trl: dict[int, tuple[object, object]] = {}
 
 
 def _unsupported(module_name: str, what: str) -> UnsupportedLibraryError:
+    import importlib.metadata  # an error path: kept out of `import lora_engine` (tens of ms)
+
     package = module_name.partition(".")[0]
     try:
         version = importlib.metadata.version(package)
@@ -280,8 +280,9 @@ def _check_required_bindings(module: ModuleType) -> None:
             raise _unsupported(name, f"{binding} is no longer the object lora_engine knows how to replace")
 
 
-class _TeachAfterExec(importlib.abc.Loader):
-    """Runs the real loader, then ``teach``es the new module."""
+class _TeachAfterExec:
+    """Runs the real loader, then ``teach``es the new module. (A loader by protocol, not ``importlib.abc.Loader``,
+    whose import costs ``import lora_engine`` tens of ms.)"""
 
     def __init__(self, loader) -> None:
         self._loader = loader
@@ -297,7 +298,7 @@ class _TeachAfterExec(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _TeachingFinder(importlib.abc.MetaPathFinder):
+class _TeachingFinder:
     """Finds modules of ``WATCHED_PACKAGES`` with the other finders and wraps their loader."""
 
     def find_spec(self, fullname: str, path, target=None):
@@ -323,7 +324,10 @@ def install() -> None:
     loaded.sort(key=lambda module: module.__name__ not in _DEFINITIONS)
     for module in loaded:
         teach(module)
-    # Code imported before lora_engine (a user's `from accelerate.utils import is_peft_model`) bound the originals.
+    # Code imported before lora_engine (a user's `from accelerate.utils import is_peft_model`) bound the originals;
+    # with neither library loaded yet (the usual `import lora_engine` first) there is nothing to replace.
+    if not _everywhere:
+        return
     for name, module in list(sys.modules.items()):
         if isinstance(module, ModuleType) and not _is_watched(name, module):
             _replace(module, _everywhere)
