@@ -21,7 +21,6 @@ from torch import nn
 from lora_engine.adapter_loading import ModelSnapshot, check_ranks, read_adapter_config, read_adapter_weights
 from lora_engine.file_checks import AdapterFileError, bound_config_digest
 from lora_engine.init_conversion import converted_config, converted_weights
-from lora_engine.integrations.trainer import is_trainer_checkpoint_save, save_trainable_weights
 from lora_engine.peft_format import CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 from lora_engine.serialization import (
     adapter_folder,
@@ -76,8 +75,6 @@ def save_adapters(
                 "parent_library": base_class.__module__,
             }
         save_adapter_files(folder, config.to_dict(), weights, safe_serialization=safe_serialization)
-    if is_trainer_checkpoint_save(save_directory, save_kwargs):
-        save_trainable_weights(peft_model, save_directory, save_kwargs["state_dict"])
 
 
 def load_adapter_folder(

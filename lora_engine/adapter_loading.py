@@ -23,10 +23,11 @@ from lora_engine.config import LoraConfig, PeftConfig
 from lora_engine.file_checks import AdapterFileError, matching_config, read_safetensors_header
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
+from lora_engine.layers.parameters import ParameterShape, saved_prefix
 from lora_engine.module_tree import named_modules_outside_adapters
 from lora_engine.peft_format import CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 from lora_engine.serialization import load_adapter_weights
-from lora_engine.targeting import find_targets, rank_and_alpha
+from lora_engine.targeting import find_target_parameters, find_targets, rank_and_alpha
 
 
 def read_adapter_config(folder: Path) -> LoraConfig:
@@ -60,11 +61,13 @@ def check_ranks(
 ) -> None:
     """Before injection: each module ``config`` targets in ``model`` gets the rank the file holds for it, and a
     module the file has no factor for gets a rank no larger than the layer itself. ``AdapterFileError`` naming
-    the file, the module and both numbers otherwise. ``config`` is not mutated."""
-    if not config.target_modules and config.target_parameters:
-        # peft: only parameters are targeted then. Their factors' shapes are checked when the weights are copied
-        # in; an absurd r there is not refused before allocation (left open, see the issue-17 note).
-        return
+    the file, the module and both numbers otherwise. ``target_parameters`` get the same two checks, per parameter
+    (``_check_parameter_ranks``). ``config`` is not mutated."""
+    shapes = {key.removeprefix(SAVED_PREFIX): tuple(value.shape) for key, value in weights.items()}
+    if config.target_parameters:
+        _check_parameter_ranks(model, config, shapes, weights_path)
+        if not config.target_modules:
+            return  # peft: only parameters are targeted then
     wrapped = [
         name
         for name, module in named_modules_outside_adapters(model)
@@ -77,7 +80,6 @@ def check_ranks(
             targets = find_targets(model, probe, skip_within=wrapped)
         except ValueError as error:
             raise AdapterFileError(weights_path.parent / CONFIG_NAME, str(error)) from error
-    shapes = {key.removeprefix(SAVED_PREFIX): tuple(value.shape) for key, value in weights.items()}
     for name in targets:
         rank, _ = rank_and_alpha(name, probe)
         for suffix in ("lora_A.weight", "lora_embedding_A"):
@@ -95,6 +97,49 @@ def check_ranks(
                     weights_path.parent / CONFIG_NAME,
                     f"r={rank} for {name!r} exceeds the layer's size {size} and the weights file holds no factor "
                     "for it; refused before allocating it (is r or rank_pattern corrupt?)",
+                )
+
+
+def _check_parameter_ranks(
+    model: nn.Module, config: LoraConfig, shapes: dict[str, tuple[int, ...]], weights_path: Path
+) -> None:
+    """``check_ranks`` for ``target_parameters``: a parameter with ``E`` experts gets factors of ``r·E`` rows, so
+    its saved ``lora_A`` must have ``r·E`` rows; without one in the file, ``r`` may not exceed the larger side of
+    one expert's matrix. Parameters the config matches nowhere are left to injection, which names them."""
+    bases = {
+        name: module.base_layer
+        for name, module in named_modules_outside_adapters(model)
+        if isinstance(module, LoraLayer)
+    }
+    try:
+        found = find_target_parameters(model, config.target_parameters, bases)
+    except TypeError as error:
+        raise AdapterFileError(weights_path.parent / CONFIG_NAME, str(error)) from error
+    for module_name, parameter_names in found.items():
+        holder = bases.get(module_name, model.get_submodule(module_name))
+        is_transposed = bool(getattr(holder, "is_transposed", False))
+        for parameter_name in parameter_names:
+            parameter = getattr(holder, parameter_name)
+            if parameter.dim() not in (2, 3):
+                continue  # injection refuses it, naming the shape
+            shape = ParameterShape(module_name, parameter_name, parameter, is_transposed)
+            rank, _ = rank_and_alpha(f"{module_name}.{parameter_name}", config)
+            key = f"{module_name}.{saved_prefix(parameter_names, parameter_name)}lora_A.weight"
+            saved = shapes.get(key)
+            if saved is not None and saved[0] != rank * shape.num_experts:
+                raise AdapterFileError(
+                    weights_path,
+                    f"tensor {SAVED_PREFIX}{key} has {saved[0]} rows (shape {saved}) but the config gives "
+                    f"{module_name}.{parameter_name} r={rank} (from r/rank_pattern) over {shape.num_experts} "
+                    f"experts, {rank * shape.num_experts} rows: the weights and config are from different adapters",
+                )
+            size = max(shape.in_features, shape.out_features)
+            if saved is None and rank > size:
+                raise AdapterFileError(
+                    weights_path.parent / CONFIG_NAME,
+                    f"r={rank} for {module_name}.{parameter_name} exceeds the parameter's size {size} and the "
+                    "weights file holds no factor for it; refused before allocating it (is r or rank_pattern "
+                    "corrupt?)",
                 )
 
 

@@ -211,8 +211,8 @@ class PeftModel(WrappedPreTrainedModel):
         checked before anything is written; each adapter's pair of files is written all or nothing
         (``serialization.save_adapter_files``). ``state_dict=`` (passed by the
         Trainer under DeepSpeed/FSDP) supplies the values. Only the main process writes. A Trainer checkpoint
-        folder also gets ``model.safetensors`` with the trainable tensors, for resuming and best-model reloading
-        (``integrations/trainer.py``). ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA
+        folder gets the same files as peft's (see ``integrations/pretrained.py``).
+        ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA
         adapter was saved to before training; the adapter is then saved as plain LoRA for the original base
         (``init_conversion``), as peft does.
         """

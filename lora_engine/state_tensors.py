@@ -1,16 +1,14 @@
 """Reading a model's tensors under their state-dict keys without running state-dict hooks.
 
 Every read of adapter (or trainable) tensors from a live model goes through ``state_tensors``: saving adapter
-files, loading them back (which needs the keys and shapes to match against), the Trainer's checkpoint keys, and
-the wrappers' saved-key maps.
+files, loading them back (which needs the keys and shapes to match against), and the wrappers' saved-key maps.
 
 Why not ``model.state_dict()``: it runs each module's ``_save_to_state_dict``, and bitsandbytes' ``Linear4bit``
 mutates its weight there. On a CPU with AVX512-BF16, bnb repacks a 4-bit weight into a CPU-only layout at its
 first no-grad eval forward; ``_save_to_state_dict`` converts it back *in place*, quantizing the bf16 absmax
 again. Measured on the tiny Llama of ``tests/test_qlora.py`` (NF4, double quantization, after one eval forward):
-one ``state_dict()`` call moved base weights by up to 2.2e-4 and logits by 8.5e-4. Loading an adapter and the
-Trainer's ``_keys_to_ignore_on_save`` used to call it, so loading an adapter into a 4-bit model that had already
-run inference changed its base weights (``test_loading_an_adapter_leaves_a_cpu_repacked_4bit_base_untouched``).
+one ``state_dict()`` call moved base weights by up to 2.2e-4 and logits by 8.5e-4. Loading an adapter used to call
+it, so loading an adapter into a 4-bit model that had already run inference changed its base weights (``test_loading_an_adapter_leaves_a_cpu_repacked_4bit_base_untouched``).
 bitsandbytes' extra entries (quant-state tensors, ``SCB``) are not parameters, so they are not here either;
 nothing lora_engine reads or writes is one of them.
 """

@@ -330,12 +330,37 @@ def test_subcommand_help_imports_that_subcommand_alone(tmp_path):
     assert after_help & SUBCOMMAND_MODULES == {"lora_engine.cli.inspect"}
 
 
+# What `import lora_engine` and the commands below must not load: inspect reads JSON and safetensors headers only.
+HEAVY_PACKAGES = {
+    "torch",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "triton",
+    "numpy",
+    "safetensors",
+    "peft",
+}
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["merge", "--help"], ["inspect", "ADAPTER"]], ids=["help", "merge-help", "inspect"]
+)
+def test_help_merge_help_and_inspect_load_no_heavy_package(argv, our_adapter, tmp_path):
+    argv = [str(our_adapter) if arg == "ADAPTER" else arg for arg in argv]
+    package, after_command = _modules_imported(*argv, cwd=tmp_path)
+
+    assert not {name.split(".")[0] for name in package} & HEAVY_PACKAGES
+    assert not {name.split(".")[0] for name in after_command} & HEAVY_PACKAGES
+
+
 def test_inspect_reads_a_safetensors_adapter_without_importing_torch(our_adapter, tmp_path):
-    # torch is blocked once the package is loaded (lora_engine itself imports it): any `import torch` on the
-    # inspect path would then raise ImportError and the command would fail.
+    # torch is blocked before the package is loaded: any `import torch` on the inspect path would raise ImportError
+    # and the command would fail.
     code = (
-        "import sys, lora_engine\n"
+        "import sys\n"
         "sys.modules['torch'] = None\n"
+        "import lora_engine\n"
         "from lora_engine.cli.main import main\n"
         "assert main(['inspect', sys.argv[1]]) == 0\n"
     )

@@ -4,6 +4,8 @@ peft 0.21.2 runs the same scripts as the oracle. TRL has its own file (test_trl.
 (test_distributed.py); that `import lora_engine` loads no peft is in test_import_graph.py.
 """
 
+import subprocess
+import sys
 import types
 
 import peft
@@ -58,6 +60,39 @@ def test_accelerate_and_transformers_checks_answer_true_for_our_peft_model():
         _tied_llama(), lora_engine.LoraConfig(target_modules=TARGETS), mixed=True
     )
     assert _is_peft_model(mixed)  # transformers checks peft's PeftMixedModel too
+
+
+# Imports lora_engine before or after the libraries, checks a plain model (our model classes not imported yet), then
+# builds our PeftModel: the libraries' checks must answer False, then True, whichever came first.
+_IMPORT_ORDER = """
+import sys
+first_ours = sys.argv[1] == "lora_engine first"
+if first_ours:
+    import lora_engine
+from accelerate.utils import is_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.trainer_utils import _is_peft_model
+if not first_ours:
+    import lora_engine
+base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1))
+plain = (is_peft_model(base), _is_peft_model(base), "lora_engine.peft_model" in sys.modules)
+model = lora_engine.get_peft_model(base, lora_engine.LoraConfig(target_modules=["q_proj"]))
+print(plain, (is_peft_model(model), _is_peft_model(model)))
+"""
+
+
+@pytest.mark.parametrize("order", ["lora_engine first", "libraries first"])
+def test_checks_learn_our_model_whether_lora_engine_is_imported_before_or_after_them(order, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ORDER, order],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "(False, False, False) (True, True)"
 
 
 def test_unsupported_library_layout_fails_loudly_naming_the_missing_check():

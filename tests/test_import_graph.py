@@ -148,6 +148,30 @@ def test_importing_lora_engine_imports_no_peft():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+# The heavy packages `import lora_engine` defers until a public name that needs them is first used.
+HEAVY_PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "triton", "trl", "peft")
+
+
+def test_importing_lora_engine_leaves_torch_transformers_and_bitsandbytes_unloaded():
+    result = _run_python(
+        "import sys, lora_engine\n"
+        f"print(sorted(name for name in sys.modules if name.split('.')[0] in {HEAVY_PACKAGES!r}))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_public_name_loads_its_module_on_first_use():
+    result = _run_python(
+        "import sys, lora_engine\n"
+        "from lora_engine import LoraConfig\n"
+        "print(LoraConfig is sys.modules['lora_engine.config'].LoraConfig, 'torch' in sys.modules,"
+        " 'LoraConfig' in vars(lora_engine), 'PeftModel' in dir(lora_engine))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "True True True True"
+
+
 # Each module is imported in its own forked child of one Python process that has imported the third-party
 # packages our modules import (torch, transformers, bitsandbytes ...) and none of ours: every child starts with no
 # lora_engine module loaded, so a module that only imports after another, or through a cycle, fails in it. The

@@ -110,3 +110,21 @@ def test_load_adapter_touches_no_other_adapter_modules(many, tmp_path, monkeypat
     many.load_adapter(tmp_path / "a1", adapter_name="again")
     assert visited == []
     assert "again" in many.peft_config
+
+
+def test_load_and_delete_leave_no_reference_cycles(many, tmp_path):
+    # Garbage in cycles is freed only by the collector, whose full passes walk every tracked object: a cycle per
+    # load would make loads grow with the objects already alive. Refcounting alone must free what a delete drops.
+    many.save_pretrained(tmp_path, selected_adapters=["a1"])
+    many.load_adapter(tmp_path / "a1", adapter_name="warm-up")  # first-call caches are not garbage
+    many.delete_adapter("warm-up")
+    gc.collect()
+    gc.disable()
+    try:
+        many.load_adapter(tmp_path / "a1", adapter_name="again")
+        many.set_adapter("again")
+        many.delete_adapter("again")
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0

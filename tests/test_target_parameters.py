@@ -5,6 +5,8 @@ Pairs come from ``peft_oracle.build_pair`` (peft's non-trivial adapter reaches o
 dict). peft nests one wrapper per parameter; we hold both in one and save under peft's keys.
 """
 
+import time
+
 import peft
 import pytest
 import torch
@@ -20,6 +22,8 @@ from peft_oracle import (
 from peft_oracle import (
     build_pair as build_oracle_pair,
 )
+from reliability_helpers import CONFIG_FILE, WEIGHTS_FILE, as_peft_saved, edit_config
+from safetensors.torch import load_file, save_file
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -274,6 +278,40 @@ def test_weighted_adapter_is_refused_as_in_peft():
         ValueError, match=r"\['default'\] on '.*experts' \(MixtralExperts parameter\(s\).*target_parameters"
     ):
         ours.add_weighted_adapter(["default"], [1.0], "combined", combination_type="linear")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@pytest.fixture
+def saved_folder(tmp_path):
+    """Our parameters-only adapter, re-saved with peft's metadata so that an edited config is checked field by
+    field (not refused as a torn pair)."""
+    _, ours = build_pair()
+    ours.save_pretrained(tmp_path)
+    return as_peft_saved(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes", [{"r": 100_000}, {"rank_pattern": {"gate_up_proj": 100_000}}], ids=["r", "rank_pattern"]
+)
+def test_parameter_rank_not_matching_the_file_is_refused_before_allocation(saved_folder, changes):
+    edit_config(saved_folder, **changes)
+    start = time.perf_counter()
+    with pytest.raises(
+        ValueError,
+        match=rf"{WEIGHTS_FILE}'.*experts.base_layer.lora_A.weight has 6 rows.*gate_up_proj r=100000 .*3 experts",
+    ):
+        lora_engine.PeftModel.from_pretrained(make_mixtral(), saved_folder)
+    assert time.perf_counter() - start < 5
+
+
+def test_absurd_parameter_rank_without_a_saved_factor_is_refused_before_allocation(saved_folder):
+    weights = load_file(saved_folder / WEIGHTS_FILE)
+    kept = {key: value for key, value in weights.items() if "base_layer" not in key}  # drop gate_up_proj's
+    save_file(kept, saved_folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    edit_config(saved_folder, rank_pattern={"gate_up_proj": 100_000})
+
+    with pytest.raises(ValueError, match=rf"{CONFIG_FILE}'.*r=100000 for {EXPERTS}.gate_up_proj exceeds.*48"):
+        lora_engine.PeftModel.from_pretrained(make_mixtral(), saved_folder)
 
 
 # ---------------------------------------------------------------------------------------------- GPT-OSS

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
 from lora_engine.cli.errors import UsageError
+from lora_engine.file_checks import AdapterFileError, read_config_dict, read_safetensors_header
 from lora_engine.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, SAVED_PREFIX
 from lora_engine.unsupported_options import unsupported_options
 
@@ -118,12 +118,9 @@ def read_adapter_config(folder: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{folder} has no {CONFIG_NAME}; is it an adapter folder?")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} holds a JSON {type(config).__name__}, not an object")
-    return config
+        return read_config_dict(path)
+    except AdapterFileError as error:
+        raise UsageError(str(error)) from error
 
 
 def read_tensor_infos(folder: Path) -> tuple[Path, dict[str, TensorInfo]]:
@@ -147,22 +144,12 @@ def read_tensor_infos(folder: Path) -> tuple[Path, dict[str, TensorInfo]]:
 
 
 def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor shapes and dtypes from a safetensors header: an 8-byte little-endian length, then JSON."""
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        prefix = file.read(8)
-        header_length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < header_length <= size - 8:
-            raise UsageError(f"{path} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(file.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UsageError(f"{path} is not a safetensors file (header is not JSON)") from error
-    header.pop("__metadata__", None)
+    """Tensor shapes and dtypes from a safetensors header (``file_checks`` reads and validates it; no torch)."""
     try:
-        return {key: TensorInfo(tuple(entry["shape"]), entry["dtype"]) for key, entry in header.items()}
-    except (KeyError, TypeError) as error:
-        raise UsageError(f"{path} is not a safetensors file (malformed header entry)") from error
+        entries, _ = read_safetensors_header(path)
+    except AdapterFileError as error:
+        raise UsageError(str(error)) from error
+    return {key: TensorInfo(entry.shape, entry.dtype) for key, entry in entries.items()}
 
 
 def _group_lora_tensors(tensors: dict[str, TensorInfo]) -> tuple[dict[str, int | None], list[str], list[str]]:

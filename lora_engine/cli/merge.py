@@ -16,14 +16,16 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_engine.cli.errors import UsageError
 from lora_engine.cli.inspect import read_adapter_config, read_tensor_infos
-from lora_engine.kbit import nf4_config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# --dtype choices: names of torch dtypes (torch is imported only when a merge runs, so --help answers at once).
+DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -47,9 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from transformers.utils import logging as transformers_logging
 
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     # Problems are reported as one UsageError line; transformers' progress bars and warnings would bury it.
     verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
@@ -78,6 +81,8 @@ def merge_adapter_into_base(
     Raises ``UsageError`` for a missing or unreadable folder, a non-empty ``out_dir``, or an adapter that does
     not fit the base (unknown target modules, missing or extra keys, shape mismatches).
     """
+    import torch
+
     base_config = _read_base_config(base_dir)
     read_adapter_config(adapter_dir)
     read_tensor_infos(adapter_dir)
@@ -120,6 +125,8 @@ def _is_bnb_quantized(config) -> bool:
 
 def _checkpoint_dtype(config) -> torch.dtype:
     """The dtype the base checkpoint was saved in (fp32 if the config does not say)."""
+    import torch
+
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -129,7 +136,10 @@ def _checkpoint_dtype(config) -> torch.dtype:
 def _load_with_adapter(base_dir: Path, adapter_dir: Path, quantize: bool):
     """The base (fp32, or as its folder's quantization config says, or NF4 if ``quantize``) on the CPU, with
     the adapter loaded; any mismatch between the two is a ``UsageError``."""
+    import torch
+
     from lora_engine.config import PeftConfig
+    from lora_engine.kbit import nf4_config
     from lora_engine.peft_model import PeftModel
 
     try:

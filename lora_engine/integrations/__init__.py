@@ -1,1 +1,2 @@
-"""Touch points with other libraries' training loops (transformers' ``Trainer``); none imports them."""
+"""Touch points with other libraries: ``pretrained`` (a ``PeftModel`` passes for a transformers model) and
+``recognition`` (transformers, accelerate and TRL take our ``PeftModel`` for peft's)."""

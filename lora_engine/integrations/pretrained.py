@@ -4,7 +4,13 @@
 ``PeftModel`` subclasses ``PreTrainedModel`` only so that the Trainer treats it as a model of its own kind (calls
 our ``save_pretrained``); it never runs ``PreTrainedModel.__init__``. The attributes the Trainer and ``generate``
 read are answered by the wrapped transformers model (``get_base_model()``), which ``PreTrainedModel``'s class
-attributes would otherwise shadow. ``integrations/trainer.py`` says how Trainer checkpoints are resumed.
+attributes would otherwise shadow.
+
+Trainer checkpoints are peft's: the Trainer sees our ``PeftModel`` as a peft model (``recognition``), so a checkpoint
+folder holds the adapter files alone, written all or nothing by ``save_pretrained``, and resuming and best-model
+reloading both go through ``load_adapter``, which checks that the pair belongs together. No second copy of the
+weights (a ``model.safetensors``, which the Trainer would prefer when resuming) sits beside them unbound to the
+pair: a save killed between the two could resume from weights the adapter files do not hold.
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ from __future__ import annotations
 import inspect
 
 from transformers import PreTrainedModel
-
-from lora_engine.integrations.trainer import frozen_state_keys
 
 
 class _FromWrappedModel:
@@ -69,12 +73,6 @@ class WrappedPreTrainedModel(PreTrainedModel):
             return base.accepts_loss_kwargs
         parameters = inspect.signature(base.forward).parameters.values()
         return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
-
-    @property
-    def _keys_to_ignore_on_save(self) -> list[str]:
-        # Trainer checkpoints hold only the trainable tensors; when the keys missing after reloading one are exactly
-        # these, the Trainer calls tie_weights() instead of warning about every frozen tensor.
-        return frozen_state_keys(self)
 
     def _get_name(self) -> str:
         # The Trainer's label smoothing shifts labels only when this is a causal-LM class name.

@@ -28,22 +28,17 @@ trainers (GRPO, KTO, RLOO, reward, distillation) are taught only when peft is in
 Modules are taught after they run, by a ``sys.meta_path`` finder that wraps the loader of modules of the three
 packages; importing anything else is untouched. At ``import lora_engine``, modules already loaded are taught
 too, and any other loaded module that bound one of the two checking functions gets the taught one.
+
+Installing costs nothing at ``import lora_engine``: this module imports neither torch nor the three libraries nor
+our model classes. The taught checks look our classes up in ``sys.modules`` when called (a class whose module was
+never imported has no instances, so the answer is the library's own); our classes are imported only when TRL is
+loaded without peft and its modules must be given them under peft's names (torch is loaded by then).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.metadata
 import sys
 from types import ModuleType
-
-from accelerate.utils import extract_model_from_parallel
-
-from lora_engine.config import LoraConfig, PeftConfig
-from lora_engine.layers.base import LoraLayer
-from lora_engine.mapping import get_peft_model as lora_engine_get_peft_model
-from lora_engine.mixed import PeftMixedModel
-from lora_engine.peft_model import PeftModel
 
 WATCHED_PACKAGES = ("accelerate", "transformers", "trl")
 
@@ -64,8 +59,26 @@ _REQUIRED_BINDINGS = {
 _PEFT_NAMES = ("PeftConfig", "get_peft_model", "BaseTunerLayer")
 
 
+# Where our classes that the libraries must recognise are defined: (module, class name).
+_PEFT_MODEL = ("lora_engine.peft_model", "PeftModel")
+_PEFT_MIXED_MODEL = ("lora_engine.mixed", "PeftMixedModel")
+_PEFT_CONFIG = ("lora_engine.config", "PeftConfig")
+_LORA_LAYER = ("lora_engine.layers.base", "LoraLayer")
+
+
 class UnsupportedLibraryError(ImportError):
     """A library changed where it checks for peft models, so lora_engine cannot teach that check."""
+
+
+def _loaded(*classes: tuple[str, str]) -> tuple[type, ...]:
+    """Those of our ``(module, class name)`` classes whose module has been imported. A class whose module was never
+    imported has no instances and no subclasses, so ``isinstance``/``issubclass`` against the rest is exact."""
+    found = []
+    for module_name, class_name in classes:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
 
 
 # id(original object) -> (original, replacement); a module global is replaced only if it *is* the original.
@@ -74,6 +87,8 @@ _in_trl: dict[int, tuple[object, object]] = {}
 
 
 def _unsupported(module_name: str, what: str) -> UnsupportedLibraryError:
+    import importlib.metadata  # an error path: kept out of `import lora_engine` (tens of ms)
+
     package = module_name.partition(".")[0]
     try:
         version = importlib.metadata.version(package)
@@ -89,7 +104,15 @@ def _unsupported(module_name: str, what: str) -> UnsupportedLibraryError:
 def _teach_accelerate_check(original):
     def is_peft_model(model) -> bool:
         """accelerate's ``is_peft_model``, also true for a lora_engine ``PeftModel`` (inside DDP/FSDP/compile)."""
-        return isinstance(extract_model_from_parallel(model), PeftModel) or original(model)
+        ours = _loaded(_PEFT_MODEL)
+        if ours:
+            from accelerate.utils import (
+                extract_model_from_parallel,  # loaded: this replaces accelerate's check
+            )
+
+            if isinstance(extract_model_from_parallel(model), ours):
+                return True
+        return original(model)
 
     return is_peft_model
 
@@ -98,33 +121,35 @@ def _teach_transformers_check(original):
     def _is_peft_model(model) -> bool:
         """transformers' ``_is_peft_model``, also true for a lora_engine ``PeftModel`` or ``PeftMixedModel`` (the
         two classes transformers checks for)."""
-        return isinstance(model, (PeftModel, PeftMixedModel)) or original(model)
+        return isinstance(model, _loaded(_PEFT_MODEL, _PEFT_MIXED_MODEL)) or original(model)
 
     return _is_peft_model
 
 
-def _either(peft_class: type, our_class: type) -> type:
-    """A class that ``isinstance``/``issubclass`` answer True for, for peft's class or ours; other attributes are
-    peft's class's."""
+def _either(peft_class: type, our_class: tuple[str, str]) -> type:
+    """A class that ``isinstance``/``issubclass`` answer True for, for peft's class or ours (``(module, class
+    name)``, looked up when asked); other attributes are peft's class's."""
 
     class _EitherMeta(type):
         def __instancecheck__(cls, instance) -> bool:
-            return isinstance(instance, (peft_class, our_class))
+            return isinstance(instance, (peft_class, *_loaded(our_class)))
 
         def __subclasscheck__(cls, subclass) -> bool:
-            return issubclass(subclass, (peft_class, our_class))
+            return issubclass(subclass, (peft_class, *_loaded(our_class)))
 
         def __getattr__(cls, name):
             return getattr(peft_class, name)
 
-    doc = f"peft's {peft_class.__name__} or lora_engine's {our_class.__name__} (integrations/recognition.py)."
+    doc = f"peft's {peft_class.__name__} or lora_engine's {our_class[1]} (integrations/recognition.py)."
     return _EitherMeta(peft_class.__name__, (), {"__doc__": doc, "__module__": __name__})
 
 
 def _dispatching_get_peft_model(peft_get_peft_model):
     def get_peft_model(model, peft_config, *args, **kwargs):
         """lora_engine's ``get_peft_model`` for a lora_engine config, peft's for a peft config."""
-        if isinstance(peft_config, PeftConfig):
+        if isinstance(peft_config, _loaded(_PEFT_CONFIG)):
+            from lora_engine.mapping import get_peft_model as lora_engine_get_peft_model
+
             return lora_engine_get_peft_model(model, peft_config, *args, **kwargs)
         return peft_get_peft_model(model, peft_config, *args, **kwargs)
 
@@ -140,11 +165,11 @@ def _register_peft_names(peft: ModuleType) -> None:
     """Replacements for the peft names TRL imported from ``peft`` (imported by TRL, never here)."""
     tuners_utils = sys.modules.get("peft.tuners.tuners_utils")
     originals = {
-        "PeftConfig": (peft.PeftConfig, lambda cls: _either(cls, PeftConfig)),
+        "PeftConfig": (peft.PeftConfig, lambda cls: _either(cls, _PEFT_CONFIG)),
         "get_peft_model": (peft.get_peft_model, _dispatching_get_peft_model),
     }
     if tuners_utils is not None:
-        originals["BaseTunerLayer"] = (tuners_utils.BaseTunerLayer, lambda cls: _either(cls, LoraLayer))
+        originals["BaseTunerLayer"] = (tuners_utils.BaseTunerLayer, lambda cls: _either(cls, _LORA_LAYER))
     for original, make in originals.values():
         if id(original) not in _in_trl:
             _in_trl[id(original)] = (original, make(original))
@@ -177,8 +202,8 @@ def teach(module: ModuleType) -> None:
         if peft is not None:
             _register_peft_names(peft)
         _replace(module, _in_trl)
-        if peft is None and name in _WITHOUT_PEFT:
-            _provide_peft_names(module, _WITHOUT_PEFT[name])
+        if peft is None and name in _MODULES_WITHOUT_PEFT:
+            _provide_peft_names(module, _names_without_peft(name))
     _check_required_bindings(module)
 
 
@@ -192,27 +217,38 @@ def _peft_is_available() -> bool:
     return True
 
 
-_TRAINER_NAMES_WITHOUT_PEFT = {
-    "is_peft_available": _peft_is_available,
-    "PeftConfig": PeftConfig,
-    "PeftModel": PeftModel,
-    "get_peft_model": lora_engine_get_peft_model,
-    "BaseTunerLayer": LoraLayer,
-    "PrefixTuningConfig": _NoLoraEngineConfig,
-}
-# What the TRL modules we test get when peft is not installed, in place of their skipped `from peft import ...` and
-# of `is_peft_available` (False: it would refuse peft_config=). DPO's LoraConfig only detects peft<0.20's
-# target_parameters limitation, which lora_engine does not have.
-_WITHOUT_PEFT = {
-    "trl.trainer.sft_trainer": _TRAINER_NAMES_WITHOUT_PEFT,
-    "trl.trainer.dpo_trainer": {**_TRAINER_NAMES_WITHOUT_PEFT, "LoraConfig": _NoLoraEngineConfig},
-    "trl.trainer.utils": {
+# The TRL modules we test, which get our classes when peft is not installed, in place of their skipped
+# `from peft import ...` and of `is_peft_available` (False: it would refuse peft_config=).
+_MODULES_WITHOUT_PEFT = ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer", "trl.trainer.utils")
+
+
+def _names_without_peft(module_name: str) -> dict[str, object]:
+    """What ``module_name`` (one of ``_MODULES_WITHOUT_PEFT``) gets when peft is not installed. Imports our model
+    classes: TRL is being imported, so torch and transformers already are."""
+    from lora_engine.config import LoraConfig, PeftConfig
+    from lora_engine.layers.base import LoraLayer
+    from lora_engine.mapping import get_peft_model
+    from lora_engine.peft_model import PeftModel
+
+    if module_name == "trl.trainer.utils":
+        return {
+            "is_peft_available": _peft_is_available,
+            "LoraConfig": LoraConfig,
+            "PeftConfig": PeftConfig,
+            "PeftModel": PeftModel,
+        }
+    trainer_names = {
         "is_peft_available": _peft_is_available,
-        "LoraConfig": LoraConfig,
         "PeftConfig": PeftConfig,
         "PeftModel": PeftModel,
-    },
-}
+        "get_peft_model": get_peft_model,
+        "BaseTunerLayer": LoraLayer,
+        "PrefixTuningConfig": _NoLoraEngineConfig,
+    }
+    if module_name == "trl.trainer.dpo_trainer":
+        # DPO's LoraConfig only detects peft<0.20's target_parameters limitation, which lora_engine does not have.
+        trainer_names["LoraConfig"] = _NoLoraEngineConfig
+    return trainer_names
 
 
 def _provide_peft_names(module: ModuleType, names: dict[str, object]) -> None:
@@ -244,8 +280,9 @@ def _check_required_bindings(module: ModuleType) -> None:
             raise _unsupported(name, f"{binding} is no longer the object lora_engine knows how to replace")
 
 
-class _TeachAfterExec(importlib.abc.Loader):
-    """Runs the real loader, then ``teach``es the new module."""
+class _TeachAfterExec:
+    """Runs the real loader, then ``teach``es the new module. (A loader by protocol, not ``importlib.abc.Loader``,
+    whose import costs ``import lora_engine`` tens of ms.)"""
 
     def __init__(self, loader) -> None:
         self._loader = loader
@@ -261,7 +298,7 @@ class _TeachAfterExec(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _TeachingFinder(importlib.abc.MetaPathFinder):
+class _TeachingFinder:
     """Finds modules of ``WATCHED_PACKAGES`` with the other finders and wraps their loader."""
 
     def find_spec(self, fullname: str, path, target=None):
@@ -287,7 +324,10 @@ def install() -> None:
     loaded.sort(key=lambda module: module.__name__ not in _DEFINITIONS)
     for module in loaded:
         teach(module)
-    # Code imported before lora_engine (a user's `from accelerate.utils import is_peft_model`) bound the originals.
+    # Code imported before lora_engine (a user's `from accelerate.utils import is_peft_model`) bound the originals;
+    # with neither library loaded yet (the usual `import lora_engine` first) there is nothing to replace.
+    if not _everywhere:
+        return
     for name, module in list(sys.modules.items()):
         if isinstance(module, ModuleType) and not _is_watched(name, module):
             _replace(module, _everywhere)

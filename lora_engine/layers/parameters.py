@@ -27,7 +27,7 @@ from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.inits import init_default_factors
 
 
-class _ParameterShape:
+class ParameterShape:
     """How one targeted parameter lines up with its factors: experts, in/out sizes and orientation."""
 
     def __init__(self, module_name: str, parameter_name: str, parameter: torch.Tensor, is_transposed: bool):
@@ -46,6 +46,12 @@ class _ParameterShape:
             )
 
 
+def saved_prefix(parameter_names: list[str], parameter_name: str) -> str:
+    """Where peft saves ``parameter_name``'s factors under the module holding ``parameter_names`` (registration
+    order): one ``base_layer.`` per wrapper peft nests outside it, the last parameter's outermost."""
+    return "base_layer." * (len(parameter_names) - 1 - parameter_names.index(parameter_name))
+
+
 class LoraParameters(LoraLayer):
     """LoRA wrapper of a module whose ``parameter_names`` (one or more ``nn.Parameter``s) carry the adapters.
 
@@ -58,7 +64,7 @@ class LoraParameters(LoraLayer):
         is_transposed = bool(getattr(base_layer, "is_transposed", False))
         self.parameter_names = list(parameter_names)  # peft's nesting order: the innermost wrapper's first
         self.shapes = {
-            name: _ParameterShape(module_name, name, getattr(base_layer, name), is_transposed)
+            name: ParameterShape(module_name, name, getattr(base_layer, name), is_transposed)
             for name in parameter_names
         }
         self.lora_A = nn.ModuleDict({name: nn.ModuleDict() for name in parameter_names})
@@ -133,11 +139,10 @@ class LoraParameters(LoraLayer):
         """peft's keys: the last parameter's factors at ``lora_A.weight``, each earlier one a ``base_layer.``
         deeper (peft wraps once per parameter, in the order the module registers them)."""
         keys = {}
-        depth = len(self.parameter_names)
-        for index, name in enumerate(self.parameter_names):
+        for name in self.parameter_names:
             if adapter_name not in self.lora_A[name]:
                 continue
-            prefix = "base_layer." * (depth - 1 - index)
+            prefix = saved_prefix(self.parameter_names, name)
             for factor in ("lora_A", "lora_B"):
                 keys[f"{prefix}{factor}.weight"] = f"{factor}.{name}.{adapter_name}.weight"
         return keys
