@@ -18,7 +18,12 @@ import re
 import torch
 
 PISSA = re.compile(r"pissa(?:_niter_(?P<niter>\d+))?")
-WEIGHT_DERIVED_INITS = ("pissa", "olora", "orthogonal")  # and "pissa_niter_<K>"
+WEIGHT_DERIVED_INITS = (
+    "pissa",
+    "olora",
+    "orthogonal",
+    "corda",
+)  # and "pissa_niter_<K>"; corda: corda_init.py
 
 
 def init_default_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, init_lora_weights) -> None:
@@ -34,7 +39,8 @@ def init_default_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, ini
 def is_weight_derived(init_lora_weights) -> bool:
     """Whether ``init_lora_weights`` names one of this module's initialisations."""
     return isinstance(init_lora_weights, str) and (
-        init_lora_weights in ("olora", "orthogonal") or PISSA.fullmatch(init_lora_weights) is not None
+        init_lora_weights in ("olora", "orthogonal", "corda")
+        or PISSA.fullmatch(init_lora_weights) is not None
     )
 
 
