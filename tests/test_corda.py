@@ -297,3 +297,15 @@ def test_corda_init_without_corda_config_gets_the_default_with_peft_s_warning():
         config.to_dict()["corda_config"]
         == peft.LoraConfig(init_lora_weights="corda").to_dict()["corda_config"]
     )
+
+
+def test_dora_on_a_corda_init_equals_peft(llama_factory, input_ids):
+    their_base, base = llama_factory(), llama_factory()
+    their_config, config = configs("ipm")
+    their_config.use_dora = config.use_dora = True
+    peft_preprocess_corda(their_base, their_config, run_model=run_on(their_base))
+    preprocess_corda(base, config, run_model=run_on(base))
+    theirs, ours = peft.get_peft_model(their_base, their_config), lora_engine.get_peft_model(base, config)
+    assert_same_tensors(theirs, ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits)

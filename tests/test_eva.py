@@ -283,3 +283,16 @@ def test_layers_sharing_an_input_are_whitened_once_where_peft_whitens_once_per_l
     sqrt_singular = (plain[q].norm(dim=1) / whitened[q].norm(dim=1))[:, None]
     torch.testing.assert_close(whitened[q] * sqrt_singular, plain[q])
     torch.testing.assert_close(theirs[q], whitened[q] / sqrt_singular**2)
+
+
+def test_dora_adapters_with_redistributed_ranks_equal_peft(llama_factory, input_ids):
+    theirs, ours = eva_pair(llama_factory, use_dora=True)
+    assert_same_adapters(theirs, ours)  # magnitudes included
+    trainable = sorted(name for name, param in ours.named_parameters() if param.requires_grad)
+    assert trainable == sorted(name for name, param in theirs.named_parameters() if param.requires_grad)
+    with torch.no_grad():
+        for model in (theirs, ours):
+            for module in model.modules():
+                if isinstance(module, (Linear, peft.tuners.lora.Linear)):
+                    module.lora_B["default"].weight.fill_(0.01)
+        torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits)
