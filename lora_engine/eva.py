@@ -171,131 +171,137 @@ def _components_by_layer(
             "Ensure the model does not receive the same inputs on different ranks.",
             stacklevel=3,
         )
-    eva_config = peft_config.eva_config
-    rho = eva_config.rho
-    if rho > RHO_THRESHOLD:
-        rho = min(rho, max(max(p.shape) for p in model.parameters()) // peft_config.r)
-    training = model.training
-    device = _device_of(model)
-    model.eval()
-
-    def model_input_for_hooks(batch):
-        if prepare_model_inputs_fn is not None:
-            return prepare_model_inputs_fn(batch, peft_config)
-        return copy.deepcopy(batch)
-
     layers = {name: module for name, module in model.named_modules() if is_eva_layer(name, module)}
     functions = per_layer_functions(prepare_layer_inputs_fn, list(layers))
-    max_components, rank_budget = {}, 0
-    for name in layers:
-        layer_rank = rank_and_alpha(name, peft_config)[0]
-        max_components[name] = round(layer_rank * rho)
-        rank_budget += layer_rank
-
-    # One batch with fingerprint hooks: layers fed the same input share one SVD (the first of them holds it).
-    batch = _to_device(next(iter(dataloader)), device)
-    fingerprints = {
-        name: InputFingerprint(name, functions[name], gather_distributed_inputs) for name in layers
-    }
-    model_input = model_input_for_hooks(batch)
-    for hook in fingerprints.values():
-        hook.model_input = model_input
-    handles = [layers[name].register_forward_hook(hook) for name, hook in fingerprints.items()]
+    training = model.training
+    model.eval()
+    run = _EvaPass(model, peft_config, layers, forward_fn, prepare_model_inputs_fn)
     try:
-        forward_fn(model, batch)
+        run.share_svds_between_equal_inputs(next(iter(dataloader)), functions, gather_distributed_inputs)
+        run.add_svd_hooks(functions, gather_distributed_inputs)
+        rank_dist = run.until_converged(dataloader, show_progress_bar)
     finally:
-        for handle in handles:
-            handle.remove()
-    groups: dict[str, list[str]] = {}
-    for name, hook in fingerprints.items():
-        groups.setdefault(hook.fingerprint, []).append(name)
-    shares_input_with = {name: names[0] for names in groups.values() for name in names[1:]}
-    for names in groups.values():
-        largest = max(max_components[name] for name in names)
-        for name in names:
-            max_components[name] = largest
-
-    svds = {
-        name: InputSvd(
-            n_components=max_components[name],
-            tau=eva_config.tau,
-            name=name,
-            prepare_layer_inputs_fn=functions[name],
-            gather_distributed_inputs=gather_distributed_inputs,
-        )
-        for name in layers
-        if name not in shares_input_with
-    }
-    svd_of = {**{name: name for name in svds}, **shares_input_with}
-    handles = {name: layers[name].register_forward_hook(svd_hook) for name, svd_hook in svds.items()}
-    try:
-        rank_dist = _run_until_converged(
-            model, dataloader, device, layers, svds, svd_of, handles, max_components, rank_budget,
-            forward_fn, model_input_for_hooks, show_progress_bar,
-        )  # fmt: skip
-    finally:
-        for handle in handles.values():
-            if handle is not None:
-                handle.remove()
-
-    components = {}
-    for name, rank in rank_dist.items():
-        svd_hook = svds[svd_of[name]]
-        if not torch.all(svd_hook.converged[:rank]):
-            raise ValueError(f"Layer {name} has not converged but was assigned rank {rank}.")
-        layer_components = svd_hook.svd.components_[:rank]
-        if eva_config.whiten:
-            layer_components = layer_components / svd_hook.svd.singular_values_[:rank].sqrt().reshape(-1, 1)
-        components[name] = layer_components
+        run.remove_hooks()
+    components = run.components(rank_dist)
     model.train(training)
-    if device is not None:
-        components = {name: value.to(device) for name, value in components.items()}
     return components
 
 
-def _run_until_converged(
-    model, dataloader, device, layers, svds, svd_of, handles, max_components, rank_budget,
-    forward_fn, model_input_for_hooks, show_progress_bar,
-) -> dict[str, int]:  # fmt: skip
-    """Feed batches (cycling the dataloader) until each SVD's components up to its layers' current ranks have
-    converged; a converged layer's hook is removed (and put back if it stops being converged). Returns the
-    final rank of every layer. ``handles`` is kept up to date so that the caller can remove what is left."""
-    batches = cycle(dataloader)
-    show = show_progress_bar and (not dist.is_initialized() or dist.get_rank() == 0)
-    progress = None
-    if show:
-        from tqdm import tqdm
+class _EvaPass:
+    """One data pass of EVA over ``model``'s ``layers`` ({name: module}); hooks it adds are tracked in
+    ``handles`` so that ``remove_hooks`` leaves the model as it was, whatever raised."""
 
-        progress = tqdm(position=0, leave=False)
-    converged = dict.fromkeys(svds, False)
-    rank_dist = max_components.copy()
-    for batch in batches:
-        batch = _to_device(batch, device)
-        model_input = model_input_for_hooks(batch)
-        for name, svd_hook in svds.items():
-            now_converged = bool(torch.all(svd_hook.converged[: rank_dist[name]]))
-            if not converged[name] and now_converged and handles[name] is not None:
-                handles[name].remove()
-                handles[name] = None
-                converged[name] = True
+    def __init__(self, model, peft_config, layers, forward_fn, prepare_model_inputs_fn) -> None:
+        self.model, self.peft_config, self.layers = model, peft_config, layers
+        self.forward_fn, self.prepare_model_inputs_fn = forward_fn, prepare_model_inputs_fn
+        self.device = _device_of(model)
+        rho = peft_config.eva_config.rho
+        if rho > RHO_THRESHOLD:
+            rho = min(rho, max(max(param.shape) for param in model.parameters()) // peft_config.r)
+        ranks = {name: rank_and_alpha(name, peft_config)[0] for name in layers}
+        self.max_components = {name: round(rank * rho) for name, rank in ranks.items()}
+        self.rank_budget = sum(ranks.values())
+        self.handles: dict[str, torch.utils.hooks.RemovableHandle | None] = {}
+        self.svds: dict[str, InputSvd] = {}  # one per distinct input, held by its first layer
+        self.svd_of: dict[str, str] = {}  # layer name -> name of the layer holding its SVD
+
+    def batch_and_model_input(self, batch):
+        """``batch`` on the model's device, and what the hooks get as ``model_input`` for it."""
+        batch = _to_device(batch, self.device)
+        if self.prepare_model_inputs_fn is not None:
+            return batch, self.prepare_model_inputs_fn(batch, self.peft_config)
+        return batch, copy.deepcopy(batch)
+
+    def share_svds_between_equal_inputs(self, first_batch, functions, gather_distributed_inputs) -> None:
+        """Run ``first_batch`` with fingerprint hooks; layers fed the same input share one SVD, held by the first
+        of them, whose ``max_components`` all take the largest of theirs."""
+        batch, model_input = self.batch_and_model_input(first_batch)
+        fingerprints = {}
+        for name, module in self.layers.items():
+            fingerprints[name] = InputFingerprint(name, functions[name], gather_distributed_inputs)
+            fingerprints[name].model_input = model_input
+            self.handles[name] = module.register_forward_hook(fingerprints[name])
+        self.forward_fn(self.model, batch)
+        self.remove_hooks()
+        groups: dict[str, list[str]] = {}
+        for name, hook in fingerprints.items():
+            groups.setdefault(hook.fingerprint, []).append(name)
+        self.svd_of = {names[0]: names[0] for names in groups.values()}
+        self.svd_of.update({name: names[0] for names in groups.values() for name in names[1:]})
+        for names in groups.values():
+            largest = max(self.max_components[name] for name in names)
+            self.max_components.update(dict.fromkeys(names, largest))
+
+    def add_svd_hooks(self, functions, gather_distributed_inputs) -> None:
+        for name, owner in self.svd_of.items():
+            if name != owner:
                 continue
-            if converged[name] and not now_converged:
-                handles[name] = layers[name].register_forward_hook(svd_hook)
-                converged[name] = False
-            svd_hook.model_input = model_input
+            self.svds[name] = InputSvd(
+                n_components=self.max_components[name],
+                tau=self.peft_config.eva_config.tau,
+                name=name,
+                prepare_layer_inputs_fn=functions[name],
+                gather_distributed_inputs=gather_distributed_inputs,
+            )
+            self.handles[name] = self.layers[name].register_forward_hook(self.svds[name])
+
+    def until_converged(self, dataloader, show_progress_bar: bool) -> dict[str, int]:
+        """Feed batches (cycling the dataloader) until each SVD's components up to its layers' current ranks have
+        converged; a converged SVD's hook is removed (and put back if it stops being converged). Returns the
+        final rank of every layer."""
+        progress = None
+        if show_progress_bar and (not dist.is_initialized() or dist.get_rank() == 0):
+            from tqdm import tqdm
+
+            progress = tqdm(position=0, leave=False)
+        converged = dict.fromkeys(self.svds, False)
+        rank_dist = self.max_components.copy()
+        for batch in cycle(dataloader):
+            batch, model_input = self.batch_and_model_input(batch)
+            for name, svd_hook in self.svds.items():
+                now_converged = bool(torch.all(svd_hook.converged[: rank_dist[name]]))
+                if not converged[name] and now_converged and self.handles[name] is not None:
+                    self.handles[name].remove()
+                    self.handles[name] = None
+                    converged[name] = True
+                    continue
+                if converged[name] and not now_converged:
+                    self.handles[name] = self.layers[name].register_forward_hook(svd_hook)
+                    converged[name] = False
+                svd_hook.model_input = model_input
+            if progress is not None:
+                done = sum(converged[owner] for owner in self.svd_of.values())
+                progress.set_description(f"{done}/{len(self.svd_of)} layers have converged")
+                progress.update()
+            if all(converged.values()):
+                break
+            self.forward_fn(self.model, batch)
+            if all(svd_hook.svd.fitted for svd_hook in self.svds.values()):
+                rank_dist = _rank_distribution(self.svds, self.svd_of, self.rank_budget, self.max_components)
         if progress is not None:
-            done = sum(converged[owner] for owner in svd_of.values())
-            progress.set_description(f"{done}/{len(svd_of)} layers have converged")
-            progress.update()
-        if all(converged.values()):
-            break
-        forward_fn(model, batch)
-        if not all(svd_hook.svd.fitted for svd_hook in svds.values()):
-            continue
-        rank_dist = _rank_distribution(svds, svd_of, rank_budget, max_components)
-    if progress is not None:
-        progress.close()
-    return rank_dist
+            progress.close()
+        return rank_dist
+
+    def components(self, rank_dist: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Each layer's first ``rank`` components (divided by √S when ``whiten``), on the model's device."""
+        found = {}
+        for name, rank in rank_dist.items():
+            svd_hook = self.svds[self.svd_of[name]]
+            if not torch.all(svd_hook.converged[:rank]):
+                raise ValueError(f"Layer {name} has not converged but was assigned rank {rank}.")
+            layer_components = svd_hook.svd.components_[:rank]
+            if self.peft_config.eva_config.whiten:
+                layer_components = layer_components / svd_hook.svd.singular_values_[:rank].sqrt().reshape(
+                    -1, 1
+                )
+            found[name] = layer_components if self.device is None else layer_components.to(self.device)
+        return found
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles.values():
+            if handle is not None:
+                handle.remove()
+        self.handles = {}
 
 
 def _rank_distribution(svds, svd_of, rank_budget: int, max_components) -> dict[str, int]:
