@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft.tuners.lora.eva import get_eva_state_dict as peft_get_eva_state_dict
 from peft.tuners.lora.eva import initialize_lora_eva_weights as peft_initialize_lora_eva_weights
+from test_qlora import base_folder, load  # noqa: F401  (fixtures: a tiny Llama loaded in 4 bits)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_engine
@@ -296,3 +297,17 @@ def test_dora_adapters_with_redistributed_ranks_equal_peft(llama_factory, input_
                 if isinstance(module, (Linear, peft.tuners.lora.Linear)):
                     module.lora_B["default"].weight.fill_(0.01)
         torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits)
+
+
+def test_4bit_base_layers_get_the_components_and_ranks_peft_gives_them(load):  # noqa: F811
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_lora_weights": "eva"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(load(), peft.LoraConfig(**config, eva_config=peft.EvaConfig(tau=0.9)))
+        peft_initialize_lora_eva_weights(theirs, batches(), show_progress_bar=False)
+        ours = lora_engine.get_peft_model(
+            load(), lora_engine.LoraConfig(**config, eva_config=EvaConfig(tau=0.9))
+        )
+        initialize_lora_eva_weights(ours, batches(), show_progress_bar=False)
+    assert_same_adapters(theirs, ours)
+    assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
