@@ -223,6 +223,12 @@ class _EvaPass:
             self.handles[name] = module.register_forward_hook(fingerprints[name])
         self.forward_fn(self.model, batch)
         self.remove_hooks()
+        idle = [name for name, hook in fingerprints.items() if hook.fingerprint is None]
+        if idle:
+            raise ValueError(
+                f"layers {idle} got no input from the first batch, so EVA cannot fit them (it would wait for them "
+                "forever); leave them out of target_modules, or pass a forward_fn that runs them"
+            )
         groups: dict[str, list[str]] = {}
         for name, hook in fingerprints.items():
             groups.setdefault(hook.fingerprint, []).append(name)

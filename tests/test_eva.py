@@ -311,3 +311,35 @@ def test_4bit_base_layers_get_the_components_and_ranks_peft_gives_them(load):  #
         initialize_lora_eva_weights(ours, batches(), show_progress_bar=False)
     assert_same_adapters(theirs, ours)
     assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
+
+
+def test_gpt2_conv1d_layers_equal_peft(gpt2_factory):
+    config = {
+        "r": 4,
+        "target_modules": ["c_attn", "c_fc"],
+        "init_lora_weights": "eva",
+        "fan_in_fan_out": True,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            gpt2_factory(), peft.LoraConfig(**config, eva_config=peft.EvaConfig(tau=0.9))
+        )
+        peft_initialize_lora_eva_weights(theirs, batches(), show_progress_bar=False)
+        ours = lora_engine.get_peft_model(
+            gpt2_factory(), lora_engine.LoraConfig(**config, eva_config=EvaConfig(tau=0.9))
+        )
+        initialize_lora_eva_weights(ours, batches(), show_progress_bar=False)
+    assert_same_adapters(theirs, ours)
+    assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
+
+
+def test_a_targeted_layer_the_data_never_reaches_is_named_instead_of_waiting_forever(llama_factory):
+    model = lora_engine.get_peft_model(
+        llama_factory(),
+        lora_engine.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights="eva"),
+    )
+    with pytest.raises(ValueError, match="layers \\['base_model.model.lm_head'\\] got no input"):
+        initialize_lora_eva_weights(
+            model, batches(), forward_fn=lambda model, batch: model.base_model.model.model(batch["input_ids"])
+        )
