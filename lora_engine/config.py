@@ -1,8 +1,9 @@
 """Adapter configuration: `LoraConfig` and the `adapter_config.json` file it reads and writes.
 
 The file format is peft 0.21.2's: the same keys, defaults and meanings, so that an adapter folder written by
-either library loads in the other. Plain LoRA, DoRA (`use_dora`) and `lora_bias` are implemented; peft's other LoRA variants
-and data-driven initialisations are accepted at their defaults and refused, with a message saying so, when set.
+either library loads in the other. Plain LoRA, DoRA (`use_dora`), `lora_bias` and the EVA and CorDA initialisations
+(`EvaConfig`, `CordaConfig`) are implemented; peft's other LoRA variants and initialisations are accepted at their
+defaults and refused, with a message saying so, when set.
 """
 
 from __future__ import annotations

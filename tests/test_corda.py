@@ -3,6 +3,7 @@ in-memory calibration set, then ``get_peft_model``: factors and rewritten base w
 modes, from the data, from the cache file and from the covariance file; files are never unpickled."""
 
 import copy
+import json
 import pickle
 import warnings
 
@@ -214,7 +215,9 @@ def test_unpruned_fields_count_one_sample_per_call(llama_factory):
     assert (layer.corda_method, layer.rank) == ("ipm", 4)
 
 
-def test_saved_adapter_loads_in_peft_on_the_same_preprocessed_base(llama_factory, input_ids, tmp_path):
+def test_saved_adapter_equals_peft_s_files_and_loads_in_peft_on_the_same_preprocessed_base(
+    llama_factory, input_ids, tmp_path
+):
     base = llama_factory()
     config = configs("ipm")[1]
     preprocess_corda(base, config, run_model=run_on(base))
@@ -223,6 +226,10 @@ def test_saved_adapter_loads_in_peft_on_the_same_preprocessed_base(llama_factory
     with torch.no_grad():
         ours.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.mul_(2.0)
     ours.save_pretrained(tmp_path)
+    peft_corda_model(llama_factory).save_pretrained(tmp_path / "theirs")
+    their_file = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    their_file["target_modules"].sort()  # peft writes the set in arbitrary order, lora_engine sorted
+    assert json.loads((tmp_path / "adapter_config.json").read_text()) == their_file
     loaded = peft.PeftModel.from_pretrained(preprocessed, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, ours(input_ids).logits)

@@ -18,12 +18,7 @@ import re
 import torch
 
 PISSA = re.compile(r"pissa(?:_niter_(?P<niter>\d+))?")
-WEIGHT_DERIVED_INITS = (
-    "pissa",
-    "olora",
-    "orthogonal",
-    "corda",
-)  # and "pissa_niter_<K>"; corda: corda_init.py
+WEIGHT_DERIVED_INITS = ("pissa", "olora", "orthogonal")  # and "pissa_niter_<K>"
 
 
 def init_default_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, init_lora_weights) -> None:
@@ -37,7 +32,7 @@ def init_default_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, ini
 
 
 def is_weight_derived(init_lora_weights) -> bool:
-    """Whether ``init_lora_weights`` names one of this module's initialisations."""
+    """Whether ``init_lora_weights`` names one of this module's initialisations, or CorDA (``corda_init``)."""
     return isinstance(init_lora_weights, str) and (
         init_lora_weights in ("olora", "orthogonal", "corda")
         or PISSA.fullmatch(init_lora_weights) is not None
