@@ -315,7 +315,6 @@ UNSUPPORTED_OPTIONS = [
     ("monteclora_config", {"num_samples": 4}),
     ("use_bdlora", {}),
     ("alora_invocation_tokens", [5, 6]),
-PEFT_ONLY_INITS = ["lora_ga", "mica"]
     ("lora_ga_config", {"direction": "ArB2r"}),
 ]
 
