@@ -24,6 +24,7 @@ do not implement, peft's internal submodules) raise an ``ImportError`` saying wh
 
 from torch import nn
 
+from lora_engine import eva  # peft.tuners.lora.eva, as an attribute (this is a module, not a package)
 from lora_engine.config import LoraConfig
 from lora_engine.corda import preprocess_corda
 from lora_engine.data_driven_init_configs import CordaConfig, EvaConfig
@@ -52,6 +53,7 @@ __all__ = [
     "LoraModel",
     "MultiheadAttention",
     "ParamWrapper",
+    "eva",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
     "preprocess_corda",
