@@ -37,6 +37,9 @@ _PUBLIC_NAMES = {
     "prepare_model_for_kbit_training": "lora_engine.kbit",
     "replace_lora_weights_loftq": "lora_engine.loftq",
     "LoftQConfig": "lora_engine.loftq_config",
+    "preprocess_corda": "lora_engine.corda",
+    **dict.fromkeys(("CordaConfig", "EvaConfig"), "lora_engine.data_driven_init_configs"),
+    **dict.fromkeys(("get_eva_state_dict", "initialize_lora_eva_weights"), "lora_engine.eva"),
     **dict.fromkeys(
         (
             "PEFT_TYPE_TO_CONFIG_MAPPING",

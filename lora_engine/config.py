@@ -1,12 +1,14 @@
 """Adapter configuration: `LoraConfig` and the `adapter_config.json` file it reads and writes.
 
 The file format is peft 0.21.2's: the same keys, defaults and meanings, so that an adapter folder written by
-either library loads in the other. Plain LoRA, DoRA (`use_dora`) and `lora_bias` are implemented; peft's other LoRA variants
-and data-driven initialisations are accepted at their defaults and refused, with a message saying so, when set.
+either library loads in the other. Plain LoRA, DoRA (`use_dora`), `lora_bias` and the EVA and CorDA initialisations
+(`EvaConfig`, `CordaConfig`) are implemented; peft's other LoRA variants and initialisations are accepted at their
+defaults and refused, with a message saying so, when set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_engine import config_checks
+from lora_engine.data_driven_init_configs import CordaConfig, EvaConfig, as_sub_config
 from lora_engine.file_checks import AdapterFileError, read_config_dict
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.loftq_config import resolve_loftq_config
@@ -51,9 +54,14 @@ def _parse_peft_type(value: PeftType | str) -> PeftType:
 
 
 def _to_json_value(value: Any) -> Any:
-    """`value` with sets as sorted lists (so saved files are deterministic), enums as their str values."""
+    """`value` with sets as sorted lists (so saved files are deterministic), enums as their str values,
+    sub-configs (``EvaConfig``, ``CordaConfig``) as dicts and paths as str."""
     if isinstance(value, enum.Enum):
         return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _to_json_value(dataclasses.asdict(value))
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, (set, frozenset)):
         return sorted(_to_json_value(item) for item in value)
     if isinstance(value, dict):
@@ -205,7 +213,9 @@ class PeftConfig:
         return LoraConfig if cls is PeftConfig else cls
 
 
-_KNOWN_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', 'orthogonal' or 'loftq'"
+_KNOWN_INITS = (
+    "True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', 'orthogonal', 'loftq', 'eva' or 'corda'"
+)
 
 
 def _is_number(value: Any) -> bool:
@@ -224,6 +234,11 @@ class LoraConfig(PeftConfig):
     the base weight (dense layers only): "pissa", "pissa_niter_<K>", "olora" (these two replace the base weight
     by the residual `W − s·B A`) or "orthogonal"; or "loftq" with `loftq_config` (a `LoftQConfig` or its dict), which
     replaces the base weight by its NF4/int8 round trip `Q` and sets `B A ≈ W − Q`.
+
+    "eva" and "corda" are data-driven: "eva" starts `B` at zero and `initialize_lora_eva_weights` then sets `A`
+    (and may redistribute ranks) from a dataloader, with `eva_config` (an `EvaConfig`); "corda" needs
+    `preprocess_corda` run on the base model first and replaces the base weight like PiSSA (`corda_config`, a
+    `CordaConfig`). A missing sub-config becomes the default one, with peft's warning.
 
     `use_dora` turns the adapters into DoRA adapters (Linear, Conv1D, Embedding, Conv1d/2d/3d, 4-bit Linear);
     `lora_bias` gives `lora_B` a bias (not with DoRA, and only with True/False inits, as in peft). Every peft field
@@ -249,8 +264,8 @@ class LoraConfig(PeftConfig):
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loftq_config: dict = field(default_factory=dict)
-    eva_config: dict | None = None
-    corda_config: dict | None = None
+    eva_config: EvaConfig | dict | None = None
+    corda_config: CordaConfig | dict | None = None
     lora_ga_config: dict | None = None
     use_dora: bool = False
     velora_config: dict | None = None
@@ -277,6 +292,7 @@ class LoraConfig(PeftConfig):
         self._check_values()
         self._check_layer_selection()
         self._refuse_unsupported_options()
+        self._default_data_driven_sub_configs()
 
     def _check_values(self) -> None:
         """Every field's type and range (``config_checks``); ValueError naming the first bad field."""
@@ -327,7 +343,17 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 "lora_bias=True is not supported for DoRA (use_dora=True); pass one of them only"
             )
-        if init is True or init is False or init in ("gaussian", "loftq") or is_weight_derived(init):
+        try:
+            self.eva_config = as_sub_config("eva_config", self.eva_config, EvaConfig)
+            self.corda_config = as_sub_config("corda_config", self.corda_config, CordaConfig)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+        if (
+            init is True
+            or init is False
+            or init in ("gaussian", "loftq", "eva", "corda")
+            or is_weight_derived(init)
+        ):
             return
         if isinstance(init, str) and PEFT_ONLY_INITS.fullmatch(init):
             raise ValueError(
@@ -360,4 +386,27 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 f"{name}={getattr(self, name)!r}: this peft option is not supported yet by lora_engine; "
                 "leave it at its default"
+            )
+
+    def _default_data_driven_sub_configs(self) -> None:
+        """peft's rules, in peft's order: a data-driven init without its sub-config gets the default one; a
+        sub-config without its init is kept but ignored. Both warn. (peft skips these rules when it has just
+        dropped an ignored ``loftq_config``, leaving ``init_lora_weights="eva"`` without an ``eva_config``.)"""
+        if self.init_lora_weights == "loftq":
+            return
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            warnings.warn(
+                "`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config."
+            )
+            self.eva_config = EvaConfig()
+        elif self.init_lora_weights != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.")
+        elif self.init_lora_weights == "corda" and self.corda_config is None:
+            warnings.warn(
+                "`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config."
+            )
+            self.corda_config = CordaConfig()
+        elif self.init_lora_weights != "corda" and self.corda_config is not None:
+            warnings.warn(
+                "`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'."
             )

@@ -77,7 +77,6 @@ _FAMILIES = {
         "cartridges": ("CartridgeConfig", "CartridgeEncoder", "compose_cartridge_adapters"),
     },
     _LORA_EXTRA: {
-        "initialization (EVA)": ("EvaConfig", "get_eva_state_dict", "initialize_lora_eva_weights"),
         "initialization (LoRA-GA)": ("LoraGAConfig", "preprocess_loraga"),
         "variant (Arrow)": ("ArrowConfig", "create_arrow_model"),
         "variant (BD-LoRA)": ("BdLoraConfig",),

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 #: peft init options that need data, a quantizer, or a variant lora_engine lacks.
-PEFT_ONLY_INITS = re.compile(r"eva|corda|lora_ga|mica")
+PEFT_ONLY_INITS = re.compile(r"lora_ga|mica")
 #: LoRA variants, on when True.
 FLAGS = ("use_qalora",)
 #: On when not None: peft turns even an empty dict into a default sub-config and enables the variant.
@@ -24,7 +24,7 @@ WHEN_GIVEN = (
     "alora_invocation_tokens",
 )
 #: Settings of the peft-only inits; empty ({} or None) means unset.
-INIT_CONFIGS = ("eva_config", "corda_config", "lora_ga_config")
+INIT_CONFIGS = ("lora_ga_config",)
 
 
 def unsupported_options(config: Mapping[str, Any]) -> list[str]:

@@ -269,7 +269,7 @@ def test_invalid_task_type_message_lists_the_allowed_ones():
         LoraConfig(task_type="causal_lm")
 
 
-PEFT_ONLY_INITS = ["eva", "corda", "lora_ga", "mica"]
+PEFT_ONLY_INITS = ["lora_ga", "mica"]
 
 
 @pytest.mark.parametrize("init", PEFT_ONLY_INITS)
@@ -286,7 +286,9 @@ def test_unknown_init_is_refused_as_unknown(init):
     assert f"init_lora_weights={init!r}" in str(error.value)
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian", "pissa", "pissa_niter_4", "olora", "orthogonal"])
+@pytest.mark.parametrize(
+    "init", [True, False, "gaussian", "pissa", "pissa_niter_4", "olora", "orthogonal", "eva", "corda"]
+)
 def test_supported_init_is_accepted(init):
     assert LoraConfig(init_lora_weights=init).init_lora_weights == init
 
@@ -313,8 +315,6 @@ UNSUPPORTED_OPTIONS = [
     ("monteclora_config", {"num_samples": 4}),
     ("use_bdlora", {}),
     ("alora_invocation_tokens", [5, 6]),
-    ("eva_config", {"rho": 2.0}),
-    ("corda_config", {"corda_method": "kpm"}),
     ("lora_ga_config", {"direction": "ArB2r"}),
 ]
 

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lora_engine.layers import inits
 from lora_engine.layers.base import LoraLayer
+from lora_engine.layers.corda_init import corda_factors
 from lora_engine.layers.loftq import loftq_factors
 from lora_engine.loftq_config import LoftQConfig
 from lora_engine.ops.grouped_lora import grouped_lora
@@ -62,7 +63,9 @@ class LoraLinear(LoraLayer):
         if init == "orthogonal":
             lora_A, lora_B = inits.orthogonal(self.in_features, self.out_features, r, weight.dtype)
         else:
-            if init == "olora":
+            if init == "corda":
+                lora_A, lora_B, residual = self._corda_factors(r, self.scaling[adapter_name])
+            elif init == "olora":
                 if self.fan_in_fan_out:
                     raise ValueError(
                         "init_lora_weights='olora' on a transformers Conv1D (fan_in_fan_out) is not supported "
@@ -76,6 +79,19 @@ class LoraLinear(LoraLayer):
             weight.data = residual
         self.lora_A[adapter_name].weight.data = lora_A
         self.lora_B[adapter_name].weight.data = lora_B
+
+    def _corda_factors(self, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CorDA's factors from the ``eigens`` that ``preprocess_corda`` left on the base layer, which are
+        then deleted (peft does the same). ``ValueError`` if there are none."""
+        eigens = getattr(self.base_layer, "eigens", None)
+        if eigens is None:
+            raise ValueError(
+                "`eigens` attribute not found for layer, please run `preprocess_corda` first "
+                "(lora_engine.preprocess_corda(model, lora_config, run_model=...)) on the model before get_peft_model."
+            )
+        factors = corda_factors(self.base_layer.weight, eigens, r, scaling, self.fan_in_fan_out)
+        del self.base_layer.eigens
+        return factors
 
     def _loftq_init(self, adapter_name: str, r: int, settings: LoftQConfig) -> None:
         """LoftQ factors (``layers.loftq``): the base weight becomes its dequantized quantized self ``Q`` and

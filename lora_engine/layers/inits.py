@@ -32,9 +32,10 @@ def init_default_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, ini
 
 
 def is_weight_derived(init_lora_weights) -> bool:
-    """Whether ``init_lora_weights`` names one of this module's initialisations."""
+    """Whether ``init_lora_weights`` names one of this module's initialisations, or CorDA (``corda_init``)."""
     return isinstance(init_lora_weights, str) and (
-        init_lora_weights in ("olora", "orthogonal") or PISSA.fullmatch(init_lora_weights) is not None
+        init_lora_weights in ("olora", "orthogonal", "corda")
+        or PISSA.fullmatch(init_lora_weights) is not None
     )
 
 

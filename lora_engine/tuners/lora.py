@@ -14,7 +14,9 @@ Each name is ours for the same concept, so ``isinstance(module, X)`` finds the m
   parameter of a module; ours holds all of them in one, so with two parameters of one module peft finds two
   wrappers (the outer and its ``base_layer``) where we find one.
 - ``LoraLayer`` is their base class, so ``isinstance(module, LoraLayer)`` finds every LoRA layer as in peft.
-- ``LoftQConfig``, ``LoraConfig``, ``LoraModel``: the same objects as ``lora_engine``'s.
+- ``LoftQConfig``, ``LoraConfig``, ``LoraModel``, ``EvaConfig``, ``CordaConfig``, ``get_eva_state_dict``,
+  ``initialize_lora_eva_weights``, ``preprocess_corda``: the same objects as ``lora_engine``'s; ``eva`` is
+  ``lora_engine.eva`` (its attributes, not ``import ... .eva``: this is a module, not a package).
 
 peft's other names here (quantization backends such as ``GPTQLoraLinear``, the configs of inits and variants we
 do not implement, peft's internal submodules) raise an ``ImportError`` saying why.
@@ -22,7 +24,11 @@ do not implement, peft's internal submodules) raise an ``ImportError`` saying wh
 
 from torch import nn
 
+from lora_engine import eva  # peft.tuners.lora.eva, as an attribute (this is a module, not a package)
 from lora_engine.config import LoraConfig
+from lora_engine.corda import preprocess_corda
+from lora_engine.data_driven_init_configs import CordaConfig, EvaConfig
+from lora_engine.eva import get_eva_state_dict, initialize_lora_eva_weights
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.conv import LoraConv
 from lora_engine.layers.dense import LoraLinear as Linear
@@ -37,7 +43,9 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "CordaConfig",
     "Embedding",
+    "EvaConfig",
     "Linear",
     "LoftQConfig",
     "LoraConfig",
@@ -45,6 +53,10 @@ __all__ = [
     "LoraModel",
     "MultiheadAttention",
     "ParamWrapper",
+    "eva",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "preprocess_corda",
 ]
 
 
@@ -92,7 +104,7 @@ _NOT_HERE = {
         "base is bitsandbytes 4-bit)",
     ),
     **dict.fromkeys(
-        ("arrow", "conversion", "eva", "loraga", "monteclora", "velora"),
+        ("arrow", "conversion", "loraga", "monteclora", "velora"),
         "the module of a LoRA variant, initialization or conversion that lora_engine does not support",
     ),
     **dict.fromkeys(
