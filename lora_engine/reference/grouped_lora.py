@@ -1,13 +1,12 @@
 """PyTorch mixed-adapter batch, two ways with the same result (tested against each other):
 
 - on the CPU, rows grouped by adapter: the batch rows are read on the host (``row_adapter.tolist()``, free for a
-  CPU tensor), gathered into one equal-sized block per adapter present (short blocks padded with a repeat of one
-  of their rows, given zero weight), and each block runs its own adapter by two ``bmm`` over the blocks, whose
-  results are added into the output rows by ``index_add_``. The work is the peft loop's (each token meets one
-  adapter), in a fixed number of ops whatever the number of adapters, with no per-row copy of the factors and no
-  ``[B, ..., out]`` temporary beyond the blocks' result;
-- elsewhere, with no host sync: each row's factors gathered, then two batched matmuls.
-"""
+  CPU tensor) into one equal-sized block of rows per adapter present (short blocks padded with a repeat of one
+  of their rows, given zero weight); the blocks, in at most four groups (``row_groups``), are gathered, run their
+  own adapters by two ``bmm`` and are added into the output rows by ``index_add_``. The work is the peft loop's
+  (each token meets one adapter), in a bounded number of ops whatever the number of adapters, with no per-row
+  copy of the factors and transients of a quarter of the batch;
+- elsewhere, with no host sync: each row's factors gathered, then two batched matmuls."""
 
 from __future__ import annotations
 
