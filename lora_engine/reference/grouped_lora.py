@@ -105,7 +105,10 @@ def _add_blocks_(sums, rows, used, index, counts, lora_A, lora_B, scales) -> Non
         dtype=lora_A.dtype,
     )
     gathered = rows.index_select(0, index).to(lora_A.dtype)
-    factors_A, factors_B = (lora_A, lora_B) if len(used) == lora_A.shape[0] else (lora_A[used], lora_B[used])
+    if used[-1] - used[0] == len(used) - 1:  # consecutive adapters (the usual case): views, not copies
+        factors_A, factors_B = lora_A[used[0] : used[-1] + 1], lora_B[used[0] : used[-1] + 1]
+    else:
+        factors_A, factors_B = lora_A[used], lora_B[used]
     hidden = torch.bmm(
         gathered.view(len(used), width * tokens_per_row, in_features), factors_A.transpose(1, 2)
     )
