@@ -178,3 +178,46 @@ def _bad(name):
 def test_bad_operands_are_refused_naming_the_operand(bad, error, message):
     with pytest.raises(error, match="grouped_lora: " + message):
         grouped_lora(**_bad(bad))
+
+
+def test_the_cpu_grouping_equals_the_per_row_gather_of_other_devices():
+    from lora_engine.reference import grouped_lora as reference
+
+    x = inputs((len(ROW_ADAPTER), 3, IN_FEATURES))
+    lora_A, lora_B, scaling = stacked_adapters()
+    grouped = reference.grouped_lora(x, row_adapter_tensor(), lora_A, lora_B, scaling)
+    gathered = reference._gathered_per_row(x, row_adapter_tensor(), lora_A, lora_B, scaling)
+    torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_row_groups_pad_each_block_to_the_longest_and_make_at_most_four_groups():
+    from lora_engine.reference.grouped_lora import row_groups
+
+    row_adapter = torch.tensor([5, 0, 5, -1, 1, 2, 3, 4, 5, 6])
+    groups = row_groups(row_adapter, 7)
+    assert len(groups) == 4
+    assert [used for used, _, _ in groups] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert groups[2][1].tolist() == [7, 7, 7, 0, 2, 8] and groups[2][2] == [1, 3]
+    assert all(index.dtype == torch.long for _, index, _ in groups)
+
+
+def test_row_groups_refuse_a_row_past_the_stacked_adapters():
+    from lora_engine.reference.grouped_lora import row_groups
+
+    with pytest.raises(IndexError, match="row 1 runs adapter 3; only 3 are stacked"):
+        row_groups(torch.tensor([0, 3]), 3)
+
+
+def test_adding_into_out_on_the_cpu_equals_out_plus_delta_with_precomputed_segments():
+    from lora_engine.ops.grouped_lora import segment_rows
+
+    x = inputs((len(ROW_ADAPTER), 3, IN_FEATURES))
+    lora_A, lora_B, scaling = stacked_adapters()
+    base = torch.randn(len(ROW_ADAPTER), 3, OUT_FEATURES, generator=torch.Generator().manual_seed(4))
+    want = base + per_row_loop(x, row_adapter_tensor(), lora_A, lora_B, scaling, ranks=RANKS)
+    segments = segment_rows(row_adapter_tensor(), 3, len(RANKS))
+    out = base.clone()
+    returned = grouped_lora(x, row_adapter_tensor(), lora_A, lora_B, scaling, out=out, segments=segments)
+    assert returned is out
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[1], base[1]) and torch.equal(out[5], base[5])  # base-only rows untouched

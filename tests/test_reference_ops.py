@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lora_engine.ops.lora_linear import lora_linear, reference_lora_linear
 from lora_engine.ops.lora_merge import lora_merge
+from lora_engine.reference import lora_linear as reference_math
 from lora_engine.reference.lora_linear import keep_mask, pack_keep, unpack_keep
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
@@ -246,3 +247,44 @@ def test_checked_merge_refuses_nan_and_leaves_the_weight_untouched():
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         lora_merge(weight, lora_A, lora_B, 1.0, check_finite=True)
     assert torch.equal(weight, original)
+
+
+@pytest.mark.parametrize(("rows", "width", "seed"), [(1, 1, 0), (3, 11, 2**31 - 1), (97, 1357, 42)])
+def test_the_cpu_mask_is_the_device_mask_bit_for_bit(rows, width, seed):
+    # 97 x 1357 spans two of the numpy hash's chunks, the second one partial.
+    numpy_mask = keep_mask(torch.tensor([seed]), rows, width, 0.3)
+    torch_mask = reference_math._keep_mask_torch(torch.tensor([seed]), rows, width, 0.3)
+    assert numpy_mask.dtype == torch.bool and numpy_mask.shape == (rows, width)
+    assert torch.equal(numpy_mask, torch_mask)
+
+
+def test_the_mask_drops_everything_at_p_one_and_nothing_at_p_zero():
+    assert not keep_mask(torch.tensor([5]), 4, 9, 1.0).any()
+    assert keep_mask(torch.tensor([5]), 4, 9, 0.0).all()
+
+
+@pytest.mark.parametrize("width", [1, 8, 13, 64])
+def test_cpu_packing_is_the_device_packing(width):
+    keep = torch.rand(6, width, generator=torch.Generator().manual_seed(width)) > 0.5
+    packed = pack_keep(keep)
+    assert torch.equal(packed, reference_math._pack_keep_torch(keep))
+    assert torch.equal(unpack_keep(packed, width), reference_math._unpack_keep_torch(packed, width))
+
+
+def test_unpacking_reads_a_row_strided_mask():
+    keep = torch.rand(5, 20, generator=torch.Generator().manual_seed(1)) > 0.5
+    padded = torch.zeros(5, 7, dtype=torch.uint8)
+    padded[:, :3] = pack_keep(keep)
+    assert torch.equal(unpack_keep(padded[:, :3], 20), keep)
+
+
+def test_dropout_forward_saves_only_the_packed_mask_and_the_rank_product():
+    x, weight, bias, lora_A, lora_B = (t.detach() for t in _operands(torch.float32))
+    out, xa, bits = reference_math.forward(
+        x, weight, bias, lora_A, lora_B, 0.5, 0.2, torch.tensor([9]), False
+    )
+    rows, width = x.numel() // x.shape[-1], x.shape[-1]
+    assert bits.dtype == torch.uint8 and bits.shape == (rows, -(-width // 8)) and bits.is_contiguous()
+    assert xa.shape == (*x.shape[:-1], lora_A.shape[0]) and xa.dtype == lora_A.dtype
+    keep = keep_mask(torch.tensor([9]), rows, width, 0.2).view(x.shape)
+    torch.testing.assert_close(xa, (x * keep / 0.8) @ lora_A.T)

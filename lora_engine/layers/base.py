@@ -121,7 +121,15 @@ class LoraLayer(nn.Module):
         if adapter_name not in container:
             return []
         entry = container[adapter_name]
-        return [entry] if isinstance(entry, nn.Parameter) else list(entry.parameters())
+        # Module first: isinstance(x, nn.Parameter) goes through Parameter's slow __instancecheck__.
+        if not isinstance(entry, nn.Module):  # a bare parameter
+            return [entry]
+        if not entry._modules:
+            # A leaf module (the factors' nn.Linear/Conv/Embedding): its own parameter dict, read directly.
+            # ``parameters()`` walks the module tree through two generators, and every set_adapter collects
+            # these for each layer: this keeps a switch's per-adapter work small next to its fixed walk.
+            return [param for param in entry._parameters.values() if param is not None]
+        return list(entry.parameters())
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         weight = self.weight  # the adapted weight (a wrapper without a base ``weight`` names its own)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from lora_engine import backend
 from lora_engine.ops.grouped_lora import segment_rows
 
 BASE_ONLY = "__base__"
@@ -35,10 +34,8 @@ class AdapterRouting:
         return self._rows[key]
 
     def segments_for(self, rows: torch.Tensor, tokens_per_row: int, adapters: int):
-        """``rows`` (from ``rows_for``) grouped by adapter for ``grouped_lora``'s kernels, once per forward; None
-        where the op runs its reference, which needs none."""
-        if not backend.uses_triton("grouped_lora", rows.device):
-            return None
+        """``rows`` (from ``rows_for``) grouped by adapter for ``grouped_lora`` (``segment_rows``), once per
+        forward."""
         key = (id(rows), tokens_per_row)  # `rows` is held in self._rows for as long as this routing lives
         if key not in self._segments:
             self._segments[key] = segment_rows(rows, tokens_per_row, adapters)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch math of ``ops.lora_linear``: the oracle for the Triton kernels and the CPU production path.
+"""PyTorch math of ``ops.lora_linear`` (numpy for the CPU's dropout mask): the oracle for the Triton kernels and the CPU production path.
 
 ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with W frozen. This module holds the math only; the contract checks, the
 dispatch and the ``torch.autograd.Function`` (which saves x once, the small ``drop(x) Aᵀ`` product and the packed
@@ -10,13 +10,15 @@ dropout mask, and computes the weight and bias gradients) live in ``ops.lora_lin
   it and draws nothing, so no dropped copy of the input is ever kept.
 
 **The dropout mask** is the Triton kernels' (``kernels/_utils.py``, ``dropout_keep``), bit for bit, so that this
-module stays their oracle. It is a counter-based hash, computed here with int64 torch ops: for element ``(i, j)`` of
+module stays their oracle. It is a counter-based hash (computed with numpy's uint32 ops on the CPU, with int64
+torch ops on other devices): for element ``(i, j)`` of
 x viewed as ``[M, in]``, ``h = lowbias32((i·in + j + seed · 0x9E3779B9) mod 2**32)`` (Chris Wellons' 32-bit
 integer hash: two multiply-xorshift rounds), and the element is kept when ``h >> 8 >= round(p · 2**24)``. The
 seed is an int64 ``[1]`` tensor on x's device, drawn with ``torch.randint`` per call (no ``.item()``, no
-``torch.Generator``: torch.compile keeps it in the graph and a CUDA-graph replay draws a new one). Flat indices
+``torch.Generator``: torch.compile keeps it in the graph and a CUDA-graph replay draws a new one; only a CPU seed
+is read on the host, inside the op). Flat indices
 wrap at 2**32 elements (an ``[M, in]`` input of 4·10⁹ elements would repeat its mask); the drop rate is ``p``
-rounded to a multiple of 2**-24. Why a hash and not Philox: it is ~12 elementwise int64 ops in torch (Philox's
+rounded to a multiple of 2**-24. Why a hash and not Philox: it is ~12 elementwise integer ops (Philox's
 ten rounds of 32×32→64-bit products are several times more), and in a kernel a dozen integer instructions per
 element instead of Philox's ~64.
 
@@ -28,15 +30,17 @@ Operands as ``ops.lora_linear`` documents and checks them (any float dtype torch
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 SEED_MULTIPLIER = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive seeds over the 32-bit index space
 _LOW_32_BITS = 0xFFFFFFFF
-# Elements hashed per chunk: the int64 temporaries (256 KiB) stay in a core's L2, so the dozen passes of the
-# hash are compute-bound instead of twelve trips to memory (measured 2-10x faster than unchunked on this CPU).
+# Elements hashed per chunk: the temporaries (256 KiB each on the CPU) stay in a core's L2, so the dozen passes of
+# the hash are compute-bound instead of a dozen trips to memory (measured 2-10x faster than unchunked).
 _HASH_CHUNK = 1 << 15
-_BIT_WEIGHTS = tuple(1 << bit for bit in range(8))
+_CPU_HASH_CHUNK = 1 << 16
+_LOWBIAS32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 
 def drop_threshold(p: float) -> int:
@@ -46,11 +50,12 @@ def drop_threshold(p: float) -> int:
 
 def _lowbias32_(hashed: torch.Tensor) -> torch.Tensor:
     """Chris Wellons' ``lowbias32`` on int64 values in ``[0, 2**32)``, in place (products masked back to 32 bits)."""
+    first, second = _LOWBIAS32_MULTIPLIERS
     hashed ^= hashed >> 16
-    hashed *= 0x7FEB352D
+    hashed *= first
     hashed &= _LOW_32_BITS
     hashed ^= hashed >> 15
-    hashed *= 0x846CA68B
+    hashed *= second
     hashed &= _LOW_32_BITS
     hashed ^= hashed >> 16
     return hashed
@@ -59,7 +64,18 @@ def _lowbias32_(hashed: torch.Tensor) -> torch.Tensor:
 def keep_mask(seed: torch.Tensor, n_rows: int, width: int, p: float) -> torch.Tensor:
     """The boolean keep-mask ``[n_rows, width]`` of inverted dropout with drop probability ``p`` over a row-major
     ``[n_rows, width]`` input, from ``seed`` (int64 ``[1]``, on the device the mask is made on): the module
-    docstring's hash, the same bits the Triton kernels draw."""
+    docstring's hash, the same bits the Triton kernels draw.
+
+    On the CPU the hash runs in numpy's uint32 arithmetic (wrapping products, logical shifts: 10 ufunc calls per
+    chunk, about 5x faster than torch's int64 ops, which also pay a dispatch per op); elsewhere in torch int64 ops
+    on the device, with no host sync. Both give the same bits (tested).
+    """
+    if seed.device.type == "cpu":
+        return _keep_mask_numpy(int(seed), n_rows, width, p)
+    return _keep_mask_torch(seed, n_rows, width, p)
+
+
+def _keep_mask_torch(seed: torch.Tensor, n_rows: int, width: int, p: float) -> torch.Tensor:
     keep = torch.empty(n_rows, width, dtype=torch.bool, device=seed.device)
     key = (seed * SEED_MULTIPLIER) & _LOW_32_BITS
     threshold = drop_threshold(p)
@@ -73,8 +89,37 @@ def keep_mask(seed: torch.Tensor, n_rows: int, width: int, p: float) -> torch.Te
     return keep
 
 
+def _keep_mask_numpy(seed: int, n_rows: int, width: int, p: float) -> torch.Tensor:
+    total = n_rows * width
+    keep = np.empty(total, dtype=np.bool_)
+    key = (seed * SEED_MULTIPLIER) & _LOW_32_BITS
+    threshold = np.uint32(drop_threshold(p))
+    first, second = (np.uint32(multiplier) for multiplier in _LOWBIAS32_MULTIPLIERS)
+    offsets = np.arange(min(_CPU_HASH_CHUNK, total), dtype=np.uint32)
+    hashed, shifted = np.empty_like(offsets), np.empty_like(offsets)
+    for start in range(0, total, _CPU_HASH_CHUNK):
+        length = min(_CPU_HASH_CHUNK, total - start)
+        value, scratch = hashed[:length], shifted[:length]
+        np.add(offsets[:length], np.uint32((start + key) & _LOW_32_BITS), out=value)  # wraps mod 2**32
+        for shift, multiplier in ((16, first), (15, second), (16, None)):
+            np.right_shift(value, shift, out=scratch)
+            value ^= scratch
+            if multiplier is not None:
+                value *= multiplier  # uint32: wraps mod 2**32, as the hash wants
+        value >>= 8
+        np.greater_equal(value, threshold, out=keep[start : start + length])
+    return torch.from_numpy(keep).view(n_rows, width)
+
+
 def pack_keep(keep: torch.Tensor) -> torch.Tensor:
-    """``[M, width]`` booleans → ``[M, ceil(width / 8)]`` uint8 in the module docstring's layout."""
+    """``[M, width]`` booleans → ``[M, ceil(width / 8)]`` uint8 in the module docstring's layout (numpy's
+    ``packbits`` on the CPU, torch ops elsewhere)."""
+    if keep.device.type == "cpu":
+        return torch.from_numpy(np.packbits(keep.numpy(), axis=1, bitorder="little"))
+    return _pack_keep_torch(keep)
+
+
+def _pack_keep_torch(keep: torch.Tensor) -> torch.Tensor:
     n_rows, width = keep.shape
     padded = F.pad(keep, (0, -width % 8)) if width % 8 else keep
     groups = padded.view(n_rows, -1, 8).to(torch.uint8)
@@ -85,7 +130,15 @@ def pack_keep(keep: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_keep(bits: torch.Tensor, width: int) -> torch.Tensor:
-    """``pack_keep``'s inverse: ``[M, ceil(width / 8)]`` uint8 → ``[M, width]`` booleans."""
+    """``pack_keep``'s inverse: ``[M, ceil(width / 8)]`` uint8 → ``[M, width]`` booleans (numpy's ``unpackbits``
+    on the CPU, torch ops elsewhere)."""
+    if bits.device.type == "cpu":
+        unpacked = np.unpackbits(bits.numpy(), axis=1, count=width, bitorder="little")
+        return torch.from_numpy(unpacked.view(np.bool_))
+    return _unpack_keep_torch(bits, width)
+
+
+def _unpack_keep_torch(bits: torch.Tensor, width: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     unpacked = (bits.unsqueeze(-1) >> shifts) & 1
     return unpacked.view(bits.shape[0], -1)[:, :width].bool()
@@ -94,15 +147,6 @@ def unpack_keep(bits: torch.Tensor, width: int) -> torch.Tensor:
 def keep_bits(seed: torch.Tensor, n_rows: int, width: int, p: float) -> torch.Tensor:
     """The packed keep-mask (``[n_rows, ceil(width / 8)]`` uint8) the forward saves: ``pack_keep(keep_mask(...))``."""
     return pack_keep(keep_mask(seed, n_rows, width, p))
-
-
-def _keep_multiplier(keep: torch.Tensor, shape: torch.Size, dtype: torch.dtype, p: float) -> torch.Tensor:
-    """Inverted dropout's per-element multiplier (0, or ``1 / (1 - p)``) in ``dtype``, shaped as x."""
-    return (keep.to(dtype) * (1.0 / (1.0 - p))).view(shape)
-
-
-def _dropped(x: torch.Tensor, multiplier: torch.Tensor | None) -> torch.Tensor:
-    return x if multiplier is None else x * multiplier
 
 
 def eager_lora_linear(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out):
@@ -118,19 +162,33 @@ def eager_lora_linear(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out):
     return base_out + delta
 
 
+def _as_factor(keep: torch.Tensor, shape) -> torch.Tensor:
+    """The keep-mask as a 0/1 factor shaped ``shape``: viewed as uint8, which torch's CPU kernels promote inside
+    their vector loop (a bool operand costs ~4x more), so ``x * factor`` is one pass with no float mask."""
+    return keep.view(torch.uint8).view(shape)
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out):
     """``(y [..., out], x_lora_A [..., r], keep_bits)``: the output, in the base output's dtype (the adapters'
     without a weight), the product ``drop(x) Aᵀ`` in the adapters' dtype and, when ``dropout_p > 0``, the keep-mask
     drawn from ``seed`` (int64 ``[1]`` on x's device), packed ``[M, ceil(in/8)]`` uint8, else None. ``backward``
-    takes the last two back."""
+    takes the last two back.
+
+    Dropout zeroes the dropped elements of x and rescales the ``[..., r]`` product by ``1 / (1 - p)``, not x (the
+    same value up to rounding, r/in of the multiplies). Transient memory: the boolean mask (1 byte per element of
+    x) and the zeroed copy, both freed on return.
+    """
     in_features = x.shape[-1]
-    multiplier = bits = None
+    x_lora = x.to(lora_A.dtype)
+    bits = None
     if dropout_p > 0.0:
         keep = keep_mask(seed, x.numel() // in_features if in_features else 0, in_features, dropout_p)
         bits = pack_keep(keep)
-        multiplier = _keep_multiplier(keep, x.shape, lora_A.dtype, dropout_p)
-    x_lora = _dropped(x.to(lora_A.dtype), multiplier)
-    x_lora_A = F.linear(x_lora, lora_A)  # [..., r]
+        x_lora_A = F.linear(x_lora * _as_factor(keep, x.shape), lora_A)  # [..., r]
+        x_lora_A *= 1.0 / (1.0 - dropout_p)
+        del keep
+    else:
+        x_lora_A = F.linear(x_lora, lora_A)  # [..., r]
     delta = F.linear(x_lora_A, lora_B) * scaling
     if weight is None:
         return delta, x_lora_A, bits
@@ -155,19 +213,26 @@ def backward(
     # The low-rank path runs in the adapter dtype, as in forward.
     grad_delta = grad_flat.to(lora_B.dtype) * scaling  # [N, out]
     grad_x_lora_A = grad_delta @ lora_B  # [N, r]
-    # The saved mask is unpacked once and serves both dA and dx; nothing random is drawn here.
-    multiplier = None
+    # The saved mask is unpacked once and serves both dA and dx; nothing random is drawn here. The 1 / (1 - p)
+    # rescale goes on the [N, r] side.
+    keep = None
     if keep_bits is not None:
-        multiplier = _keep_multiplier(unpack_keep(keep_bits, in_features), x.shape, lora_A.dtype, dropout_p)
+        keep = _as_factor(unpack_keep(keep_bits, in_features), (-1, in_features))
+        grad_x_lora_A *= 1.0 / (1.0 - dropout_p)
     if need_B:
         grad_B = grad_delta.T @ x_lora_A.reshape(-1, rank).to(lora_B.dtype)
     if need_A:
-        x_lora = _dropped(x.to(lora_A.dtype), multiplier).reshape(-1, in_features)
-        grad_A = grad_x_lora_A.T.to(lora_A.dtype) @ x_lora
+        x_lora = x.reshape(-1, in_features).to(lora_A.dtype)
+        grad_A = grad_x_lora_A.T @ (x_lora if keep is None else x_lora * keep)
     if need_x:
-        grad_x = _dropped((grad_x_lora_A.to(lora_A.dtype) @ lora_A).reshape(x.shape), multiplier)
+        grad_x = grad_x_lora_A @ lora_A  # [N, in]
+        if keep is not None:
+            grad_x *= keep
         if weight is not None:
             base_weight = weight.T if fan_in_fan_out else weight
-            grad_x = grad_x + (grad_flat.to(weight.dtype) @ base_weight).reshape(x.shape)
-        grad_x = grad_x.to(x.dtype)
+            if grad_x.dtype == weight.dtype:
+                grad_x.addmm_(grad_flat.to(weight.dtype), base_weight)
+            else:
+                grad_x = grad_x + grad_flat.to(weight.dtype) @ base_weight
+        grad_x = grad_x.reshape(x.shape).to(x.dtype)
     return grad_x, grad_A, grad_B
