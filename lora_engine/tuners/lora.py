@@ -15,8 +15,9 @@ Each name is ours for the same concept, so ``isinstance(module, X)`` finds the m
   wrappers (the outer and its ``base_layer``) where we find one.
 - ``LoraLayer`` is their base class, so ``isinstance(module, LoraLayer)`` finds every LoRA layer as in peft.
 - ``LoftQConfig``, ``LoraConfig``, ``LoraModel``, ``EvaConfig``, ``CordaConfig``, ``get_eva_state_dict``,
-  ``initialize_lora_eva_weights``, ``preprocess_corda``: the same objects as ``lora_engine``'s; ``eva`` is
-  ``lora_engine.eva`` (its attributes, not ``import ... .eva``: this is a module, not a package).
+  ``initialize_lora_eva_weights``, ``preprocess_corda``: the same objects as ``lora_engine``'s; ``eva`` and
+  ``corda`` are ``lora_engine.eva`` and ``lora_engine.corda`` (as attributes, not ``import ... .eva``: this is a
+  module, not a package).
 
 peft's other names here (quantization backends such as ``GPTQLoraLinear``, the configs of inits and variants we
 do not implement, peft's internal submodules) raise an ``ImportError`` saying why.
@@ -24,7 +25,7 @@ do not implement, peft's internal submodules) raise an ``ImportError`` saying wh
 
 from torch import nn
 
-from lora_engine import eva  # peft.tuners.lora.eva, as an attribute (this is a module, not a package)
+from lora_engine import corda, eva  # peft.tuners.lora.corda/.eva, as attributes (not a package)
 from lora_engine.config import LoraConfig
 from lora_engine.corda import preprocess_corda
 from lora_engine.data_driven_init_configs import CordaConfig, EvaConfig
@@ -53,6 +54,7 @@ __all__ = [
     "LoraModel",
     "MultiheadAttention",
     "ParamWrapper",
+    "corda",
     "eva",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
