@@ -29,6 +29,28 @@ def tiny_llama_config() -> LlamaConfig:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_4bit_folder(tmp_path_factory):
+    """A tiny Llama (2 layers, hidden 64, intermediate 128, seed 0) saved in full precision as one
+    ``model.safetensors``, for loading with a 4-bit ``BitsAndBytesConfig``. Every weight row holds whole blocks
+    of 64: bnb 0.50's CPU 4-bit path needs rows of at least a blocksize, and its AVX-512 decode is wrong on rows
+    that split a block (see ``ops.nf4_dequantize``). Read-only: tests must not write into it."""
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny_llama_4bit")
+    model.save_pretrained(folder)
+    return folder
+
+
 def tiny_gpt2_config() -> GPT2Config:
     return GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=64)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import VOCAB_SIZE
 from loftq_oracle import cuda_as_cpu
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import lora_engine
 
@@ -192,25 +192,6 @@ def test_loftq_on_a_gpt2_conv1d_is_refused_naming_it(gpt2_factory):
 
 
 # ------------------------------------------------------------------------------------- replace_lora_weights_loftq
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    """A tiny Llama saved as one ``model.safetensors``; hidden size 64, as bnb's CPU 4-bit layers need."""
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    return folder
-
-
 def load_4bit(folder):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
@@ -243,26 +224,28 @@ def lora_keys(model):
     return [key for key in model.state_dict() if ".lora_" in key]
 
 
-def test_replace_lora_weights_loftq_equals_peft(base_folder):
-    theirs, ours = qlora_pair(base_folder)
+def test_replace_lora_weights_loftq_equals_peft(tiny_llama_4bit_folder):
+    theirs, ours = qlora_pair(tiny_llama_4bit_folder)
     with cuda_as_cpu():
-        peft.replace_lora_weights_loftq(theirs, model_path=str(base_folder))
-    lora_engine.replace_lora_weights_loftq(ours, model_path=base_folder)
+        peft.replace_lora_weights_loftq(theirs, model_path=str(tiny_llama_4bit_folder))
+    lora_engine.replace_lora_weights_loftq(ours, model_path=tiny_llama_4bit_folder)
     assert_states_equal(ours, theirs, keys=lora_keys(ours))
 
 
-def test_replace_lora_weights_loftq_brings_the_model_closer_to_the_original(base_folder):
+def test_replace_lora_weights_loftq_brings_the_model_closer_to_the_original(tiny_llama_4bit_folder):
     tokens = torch.randint(0, VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(0))
-    expected = logits(LlamaForCausalLM.from_pretrained(base_folder).eval(), tokens)
-    ours = ours_4bit(base_folder, lora_alpha=4)  # scaling 1: LoftQ's B A is the error itself, unscaled
+    expected = logits(LlamaForCausalLM.from_pretrained(tiny_llama_4bit_folder).eval(), tokens)
+    ours = ours_4bit(
+        tiny_llama_4bit_folder, lora_alpha=4
+    )  # scaling 1: LoftQ's B A is the error itself, unscaled
     quantized_only_error = (logits(ours, tokens) - expected).abs().mean()
-    lora_engine.replace_lora_weights_loftq(ours, model_path=base_folder)
+    lora_engine.replace_lora_weights_loftq(ours, model_path=tiny_llama_4bit_folder)
     loftq_error = (logits(ours, tokens) - expected).abs().mean()
     assert loftq_error < quantized_only_error  # rank 4 of 64: the quantization noise is nearly full rank
 
 
-def test_replace_lora_weights_loftq_callback_sees_peft_names_and_can_roll_back(base_folder):
-    theirs, ours = qlora_pair(base_folder)
+def test_replace_lora_weights_loftq_callback_sees_peft_names_and_can_roll_back(tiny_llama_4bit_folder):
+    theirs, ours = qlora_pair(tiny_llama_4bit_folder)
     kept = "model.layers.0.self_attn.q_proj"
     seen = {"peft": [], "ours": []}
 
@@ -275,8 +258,10 @@ def test_replace_lora_weights_loftq_callback_sees_peft_names_and_can_roll_back(b
 
     before = {key: value.clone() for key, value in ours.state_dict().items() if ".lora_" in key}
     with cuda_as_cpu():
-        peft.replace_lora_weights_loftq(theirs, model_path=str(base_folder), callback=keep_one("peft"))
-    lora_engine.replace_lora_weights_loftq(ours, model_path=base_folder, callback=keep_one("ours"))
+        peft.replace_lora_weights_loftq(
+            theirs, model_path=str(tiny_llama_4bit_folder), callback=keep_one("peft")
+        )
+    lora_engine.replace_lora_weights_loftq(ours, model_path=tiny_llama_4bit_folder, callback=keep_one("ours"))
     assert seen["ours"] == seen["peft"] and kept in seen["ours"]
     after = ours.state_dict()
     changed = sorted(key for key in before if not torch.equal(after[key], before[key]))
@@ -284,58 +269,58 @@ def test_replace_lora_weights_loftq_callback_sees_peft_names_and_can_roll_back(b
     assert_states_equal(ours, theirs, keys=lora_keys(ours))
 
 
-def test_replace_lora_weights_loftq_reads_a_sharded_checkpoint(base_folder, tmp_path):
-    LlamaForCausalLM.from_pretrained(base_folder).save_pretrained(tmp_path, max_shard_size="100KB")
+def test_replace_lora_weights_loftq_reads_a_sharded_checkpoint(tiny_llama_4bit_folder, tmp_path):
+    LlamaForCausalLM.from_pretrained(tiny_llama_4bit_folder).save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    from_one_file, from_shards = ours_4bit(base_folder), ours_4bit(base_folder)
-    lora_engine.replace_lora_weights_loftq(from_one_file, model_path=base_folder)
+    from_one_file, from_shards = ours_4bit(tiny_llama_4bit_folder), ours_4bit(tiny_llama_4bit_folder)
+    lora_engine.replace_lora_weights_loftq(from_one_file, model_path=tiny_llama_4bit_folder)
     lora_engine.replace_lora_weights_loftq(from_shards, model_path=tmp_path)
     assert_states_equal(from_shards, from_one_file, keys=lora_keys(from_one_file))
 
 
-def test_replace_lora_weights_loftq_reads_a_file_of_the_bare_base_model(base_folder, tmp_path):
+def test_replace_lora_weights_loftq_reads_a_file_of_the_bare_base_model(tiny_llama_4bit_folder, tmp_path):
     # A LlamaModel file has no "model." in its keys; the base model prefix is stripped, as in peft.
-    LlamaForCausalLM.from_pretrained(base_folder).model.save_pretrained(tmp_path)
+    LlamaForCausalLM.from_pretrained(tiny_llama_4bit_folder).model.save_pretrained(tmp_path)
     # The file has no lm_head, so both models adapt the decoder layers only.
     from_full, from_bare = (
-        ours_4bit(base_folder, target_modules=QV),
-        ours_4bit(base_folder, target_modules=QV),
+        ours_4bit(tiny_llama_4bit_folder, target_modules=QV),
+        ours_4bit(tiny_llama_4bit_folder, target_modules=QV),
     )
-    lora_engine.replace_lora_weights_loftq(from_full, model_path=base_folder / "model.safetensors")
+    lora_engine.replace_lora_weights_loftq(from_full, model_path=tiny_llama_4bit_folder / "model.safetensors")
     lora_engine.replace_lora_weights_loftq(from_bare, model_path=tmp_path)
     for key in lora_keys(from_bare):
         assert torch.equal(from_bare.state_dict()[key], from_full.state_dict()[key]), key
 
 
-def test_replace_lora_weights_loftq_finds_the_folder_the_base_was_loaded_from(base_folder):
+def test_replace_lora_weights_loftq_finds_the_folder_the_base_was_loaded_from(tiny_llama_4bit_folder):
     # peft 0.21.2 looks only in the Hugging Face cache and refuses a model loaded from a local folder.
-    explicit, implicit = ours_4bit(base_folder), ours_4bit(base_folder)
-    lora_engine.replace_lora_weights_loftq(explicit, model_path=base_folder)
+    explicit, implicit = ours_4bit(tiny_llama_4bit_folder), ours_4bit(tiny_llama_4bit_folder)
+    lora_engine.replace_lora_weights_loftq(explicit, model_path=tiny_llama_4bit_folder)
     lora_engine.replace_lora_weights_loftq(implicit)
     assert_states_equal(implicit, explicit, keys=lora_keys(explicit))
 
 
-def test_replace_lora_weights_loftq_without_a_4bit_layer_is_refused(llama_factory, base_folder):
+def test_replace_lora_weights_loftq_without_a_4bit_layer_is_refused(llama_factory, tiny_llama_4bit_folder):
     model = lora_engine.get_peft_model(llama_factory(), lora_engine.LoraConfig(**LORA))
     with pytest.raises(ValueError, match="No bnb LoRA module found on the model"):
-        lora_engine.replace_lora_weights_loftq(model, model_path=base_folder)
+        lora_engine.replace_lora_weights_loftq(model, model_path=tiny_llama_4bit_folder)
 
 
-def test_replace_lora_weights_loftq_names_a_missing_file(base_folder, tmp_path):
-    ours = ours_4bit(base_folder)
+def test_replace_lora_weights_loftq_names_a_missing_file(tiny_llama_4bit_folder, tmp_path):
+    ours = ours_4bit(tiny_llama_4bit_folder)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*model.safetensors"):
         lora_engine.replace_lora_weights_loftq(ours, model_path=tmp_path)
 
 
-def test_replace_lora_weights_loftq_names_an_unknown_adapter(base_folder):
-    ours = ours_4bit(base_folder)
+def test_replace_lora_weights_loftq_names_an_unknown_adapter(tiny_llama_4bit_folder):
+    ours = ours_4bit(tiny_llama_4bit_folder)
     with pytest.raises(ValueError, match="has no adapter 'other'; its adapters are \\['default'\\]"):
-        lora_engine.replace_lora_weights_loftq(ours, model_path=base_folder, adapter_name="other")
+        lora_engine.replace_lora_weights_loftq(ours, model_path=tiny_llama_4bit_folder, adapter_name="other")
 
 
-def test_loftq_init_on_a_4bit_base_is_refused_naming_the_module(base_folder):
+def test_loftq_init_on_a_4bit_base_is_refused_naming_the_module(tiny_llama_4bit_folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_4bit(base_folder)
+        model = load_4bit(tiny_llama_4bit_folder)
     with pytest.raises(ValueError, match=r"init_lora_weights='loftq' on 'model.layers.0.self_attn.q_proj'"):
         lora_engine.get_peft_model(model, loftq_lora(lora_engine))

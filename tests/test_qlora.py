@@ -12,7 +12,7 @@ import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 from conftest import VOCAB_SIZE
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import lora_engine
 from lora_engine.kbit import prepare_model_for_kbit_training
@@ -39,26 +39,7 @@ QLORA = {"bits": 4, "quant_type": "nf4", "double_quant": True}
 
 
 @pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    """A tiny Llama saved in full precision; hidden size 64, as bnb's CPU 4-bit path needs >= blocksize."""
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def load(base_folder):
+def load(tiny_llama_4bit_folder):
     """``load(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.float32)``: a fresh quantized
     load of the tiny Llama, its activations in ``compute_dtype``; ``keep_cpu_repacking=True`` leaves bnb's CPU
     repacking on."""
@@ -80,7 +61,7 @@ def load(base_folder):
         else:
             quantization = BitsAndBytesConfig(load_in_8bit=True)
         model = LlamaForCausalLM.from_pretrained(
-            base_folder, quantization_config=quantization, dtype=compute_dtype
+            tiny_llama_4bit_folder, quantization_config=quantization, dtype=compute_dtype
         )
         if not keep_cpu_repacking:
             # On CPUs with AVX512-BF16, bnb repacks a 4-bit weight in place into a CPU-only layout at its
@@ -342,7 +323,7 @@ def test_safe_merge_refuses_nan_adapter_and_leaves_4bit_weights_untouched(load):
 
 # --------------------------------------------------------------------------- adapter files
 def test_adapter_saved_by_us_loads_in_peft_on_4bit_and_full_precision_bases(
-    load, base_folder, tokens, tmp_path
+    load, tiny_llama_4bit_folder, tokens, tmp_path
 ):
     our_model = _ours(load, **QLORA)
     our_logits = _logits(our_model, tokens)
@@ -353,7 +334,7 @@ def test_adapter_saved_by_us_loads_in_peft_on_4bit_and_full_precision_bases(
     on_4bit = peft.PeftModel.from_pretrained(load(**QLORA), tmp_path)
     torch.testing.assert_close(_logits(on_4bit, tokens), our_logits, rtol=0, atol=0)
 
-    full_precision = LlamaForCausalLM.from_pretrained(base_folder).eval()
+    full_precision = LlamaForCausalLM.from_pretrained(tiny_llama_4bit_folder).eval()
     base_logits = _logits(full_precision, tokens)
     full_logits = _logits(peft.PeftModel.from_pretrained(full_precision, tmp_path), tokens)
     # The same adapter on the base rounded to NF4 or not: close logits, and nearly the same effect.

@@ -5,7 +5,7 @@ same logits and LoRA gradients on the Triton backend (under the interpreter: eve
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 from triton_interpreter import kernels_fixture  # noqa: F401  (registers the `kernels` fixture)
 
 from lora_engine import LoraConfig, get_peft_model
@@ -16,27 +16,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 VOCAB_SIZE = 128
 
 
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    """A tiny Llama (2 layers) saved in full precision. Every weight's rows hold whole blocks of 64: bnb 0.50's
-    AVX-512 CPU decode, which the reference side's matmul runs, is wrong otherwise (see ``ops.nf4_dequantize``)."""
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny_llama_4bit")
-    model.save_pretrained(folder)
-    return folder
-
-
-def _qlora_llama(base_folder, compute_dtype, dropout):
+def _qlora_llama(tiny_llama_4bit_folder, compute_dtype, dropout):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -44,7 +24,7 @@ def _qlora_llama(base_folder, compute_dtype, dropout):
         bnb_4bit_compute_dtype=compute_dtype,
     )
     model = LlamaForCausalLM.from_pretrained(
-        base_folder, quantization_config=quantization, dtype=compute_dtype
+        tiny_llama_4bit_folder, quantization_config=quantization, dtype=compute_dtype
     )
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -73,9 +53,9 @@ def _logits_and_lora_grads(model, input_ids):
     ids=["fp32", "bf16-dropout"],
 )
 def test_4bit_llama_logits_and_lora_gradients_match_the_reference_backend(
-    kernels, base_folder, monkeypatch, compute_dtype, dropout
+    kernels, tiny_llama_4bit_folder, monkeypatch, compute_dtype, dropout
 ):
-    model = _qlora_llama(base_folder, compute_dtype, dropout)
+    model = _qlora_llama(tiny_llama_4bit_folder, compute_dtype, dropout)
     input_ids = torch.randint(0, VOCAB_SIZE, (2, 7), generator=torch.Generator().manual_seed(0))
     calls = []
     original = kernels.nf4_lora_linear.forward
