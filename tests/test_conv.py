@@ -335,3 +335,31 @@ def test_dora_on_a_grouped_conv_is_refused_naming_it():
     config = lora_engine.LoraConfig(target_modules=["grouped"], r=4, use_dora=True)
     with pytest.raises(ValueError, match=r"use_dora=True on a Conv2d with groups=2.*not supported yet"):
         lora_engine.get_peft_model(make_cnn(), config)
+
+
+def test_conv_dora_rows_of_a_mixed_batch_equal_single_adapter_runs():
+    """peft refuses DoRA in mixed batches; ours runs each sample as a forward with its adapter alone would."""
+    model = lora_engine.get_peft_model(
+        make_cnn(), lora_engine.LoraConfig(target_modules=CNN_TARGETS, use_dora=True, init_lora_weights=False)
+    )
+    model.add_adapter(
+        "plain", lora_engine.LoraConfig(target_modules=["strided"], r=2, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
+    model.eval()
+    routes = ["default", "__base__", "plain", "default"]
+    images = torch.randn(len(routes), 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mixed = model(images, adapter_names=routes)
+        for row, name in enumerate(routes):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(images[row : row + 1])
+            else:
+                model.set_adapter(name)
+                alone = model(images[row : row + 1])
+            torch.testing.assert_close(mixed[row : row + 1], alone, **TOLERANCE)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-4)  # the adapter changes the output

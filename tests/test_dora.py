@@ -358,11 +358,45 @@ def test_deleting_a_dora_adapter_removes_its_magnitude(llama_factory):
 
 
 # ---------------------------------------------------------------------------------------------- refusals
-def test_dora_in_a_mixed_batch_is_refused_like_peft(llama_factory, input_ids):
-    _, ours = build_pair(llama_factory, **QV_DORA)
-    ours.eval()
-    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
-        ours(input_ids=input_ids, adapter_names=["default", "__base__"])
+TARGETS = ["q_proj", "v_proj", "embed_tokens"]
+
+
+def _llama_with_dora_and_plain_adapters(llama_factory):
+    """Two DoRA adapters of different ranks and a plain one on q/v and the embedding, non-trivial factors, and
+    magnitudes moved off their initial norms (so that DoRA's rescaling changes the output)."""
+    targets = TARGETS
+    model = lora_engine.get_peft_model(
+        llama_factory(),
+        lora_engine.LoraConfig(r=4, target_modules=targets, use_dora=True, init_lora_weights=False),
+    )
+    model.add_adapter(
+        "wide", lora_engine.LoraConfig(r=8, target_modules=targets, use_dora=True, init_lora_weights=False)
+    )
+    model.add_adapter("plain", lora_engine.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
+    return model.eval()
+
+
+def test_dora_rows_of_a_mixed_batch_equal_single_adapter_runs(llama_factory):
+    """peft refuses DoRA in mixed batches; ours runs each row as a forward with that row's adapter alone would."""
+    model = _llama_with_dora_and_plain_adapters(llama_factory)
+    routes = ["default", "wide", "__base__", "plain", "wide"]
+    input_ids = torch.randint(0, 128, (len(routes), 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=routes).logits
+        for row, name in enumerate(routes):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=input_ids[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=input_ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+        model.set_adapter("default")
+        assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ, so the rows do
 
 
 def test_combining_dora_adapters_is_refused_naming_them(llama_factory):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft.tuners.lora.eva import get_eva_state_dict as peft_get_eva_state_dict
 from peft.tuners.lora.eva import initialize_lora_eva_weights as peft_initialize_lora_eva_weights
-from test_qlora import base_folder, load  # noqa: F401  (fixtures: a tiny Llama loaded in 4 bits)
+from test_qlora import load  # noqa: F401  (fixture: the tiny Llama of conftest.tiny_llama_4bit_folder, in 4 bits)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_engine

@@ -96,13 +96,22 @@ class DoraMixin:
         self._merge_norms.pop(adapter_name, None)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        dora = [name for name in self.routing.names if self.is_dora(name)]
-        if dora:
-            raise ValueError(
-                f"Cannot pass `adapter_names` when DoRA is enabled: adapter(s) {dora} use DoRA, and lora_engine "
-                "does not support DoRA in mixed-adapter batches yet (neither does peft)"
-            )
-        return super()._mixed_batch_forward(x, *args, **kwargs)
+        """Without a DoRA adapter among the routed ones, the plain wrapper's grouped path. With one, each adapter
+        runs its own rows: ``_add_adapter_output`` on those samples of the base output, so row ``b`` gets what a
+        forward with ``adapter_names[b]`` alone computes (DoRA's rescaling is per adapter, which one grouped
+        low-rank pass cannot express). peft refuses DoRA in mixed batches."""
+        if not any(self.is_dora(name) for name in self.routing.names):
+            return super()._mixed_batch_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        held = [name for name in self.routing.names if name in self.r]
+        self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
+        row_adapter = self.routing.rows_for(held, x.device)
+        for index, name in enumerate(held):
+            rows = (row_adapter == index).nonzero().squeeze(1)
+            if rows.numel():
+                updated = self._add_adapter_output(x[rows], result[rows], name)
+                result = result.index_copy(0, rows, updated.to(result.dtype))
+        return result
 
     # ------------------------------------------------------------------ norms
     def row_norm(self, adapter_name: str) -> torch.Tensor:

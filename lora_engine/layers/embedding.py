@@ -40,9 +40,7 @@ class LoraEmbedding(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Token ids ``x [...]`` → ``[..., embedding_dim]`` in the base layer's dtype."""
         if self.routing is not None and not self.disable_adapters:
-            result = self.base_layer(x, *args, **kwargs)
-            delta = self._mixed_batch_delta(x)
-            return result if delta is None else (result + self._scaled(delta)).to(result.dtype)
+            return self._mixed_batch_forward(x, *args, **kwargs)
         self._unmerge_if_disabled()
         result = self.base_layer(x, *args, **kwargs)
         active = self._adapters_to_run()
@@ -69,6 +67,12 @@ class LoraEmbedding(LoraLayer):
         # Embeddings that scale their output (Gemma's embed_scale) scale the LoRA term too, as peft does.
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         return delta * embed_scale.to(delta.dtype) if isinstance(embed_scale, torch.Tensor) else delta
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of token ids ``x [B, ...]`` gets the adapter ``self.routing`` assigns it."""
+        result = self.base_layer(x, *args, **kwargs)
+        delta = self._mixed_batch_delta(x)
+        return result if delta is None else (result + self._scaled(delta)).to(result.dtype)
 
     def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """Each row of token ids ``x [B, ...]`` looks up its own adapter's ``A`` columns, then one batched matmul."""
