@@ -1,4 +1,5 @@
-"""PyTorch math of ``ops.lora_linear`` (numpy for the CPU's dropout mask): the oracle for the Triton kernels and the CPU production path.
+"""PyTorch math of ``ops.lora_linear`` (numpy for the CPU's dropout mask): the oracle for the Triton kernels and
+the CPU production path.
 
 ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` with W frozen. This module holds the math only; the contract checks, the
 dispatch and the ``torch.autograd.Function`` (which saves x once, the small ``drop(x) Aᵀ`` product and the packed
