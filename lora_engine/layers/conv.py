@@ -116,11 +116,8 @@ class LoraConv(LoraLayer):
         if not held:
             return result
         self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
-        row_adapter = self.routing.rows_for(held, x.device)
-        for index, name in enumerate(held):
-            rows = (row_adapter == index).nonzero().squeeze(1)
-            if rows.numel():
-                result = result.index_add(0, rows, self._low_rank(x[rows], name).to(result.dtype))
+        for name, rows in self.routing.rows_by_adapter(held, x.device):
+            result = result.index_add(0, rows, self._low_rank(x[rows], name).to(result.dtype))
         return result
 
     # ------------------------------------------------------------------ merging

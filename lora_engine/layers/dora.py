@@ -105,12 +105,9 @@ class DoraMixin:
         result = self.base_layer(x, *args, **kwargs)
         held = [name for name in self.routing.names if name in self.r]
         self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
-        row_adapter = self.routing.rows_for(held, x.device)
-        for index, name in enumerate(held):
-            rows = (row_adapter == index).nonzero().squeeze(1)
-            if rows.numel():
-                updated = self._add_adapter_output(x[rows], result[rows], name)
-                result = result.index_copy(0, rows, updated.to(result.dtype))
+        for name, rows in self.routing.rows_by_adapter(held, x.device):
+            updated = self._add_adapter_output(x[rows], result[rows], name)
+            result = result.index_copy(0, rows, updated.to(result.dtype))
         return result
 
     # ------------------------------------------------------------------ norms

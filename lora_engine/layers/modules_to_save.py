@@ -104,10 +104,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.routing.check_batch(x.shape[0], type(self.original_module).__name__)
         result = self.original_module(x, *args, **kwargs)
         held = [name for name in self.routing.names if name in self.modules_to_save]
-        rows = self.routing.rows_for(held, x.device)
-        for held_index, name in enumerate(held):
-            selected = (rows == held_index).nonzero().squeeze(1)
-            result = result.index_copy(0, selected, self.modules_to_save[name](x[selected], *args, **kwargs))
+        for name, rows in self.routing.rows_by_adapter(held, x.device):
+            result = result.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs))
         return result
 
     def __getattr__(self, name: str):

@@ -33,6 +33,13 @@ class AdapterRouting:
             self._rows[key] = self._map_rows(held, device)
         return self._rows[key]
 
+    def rows_by_adapter(self, held: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """``(name, rows)`` for each adapter of ``held`` that some batch row runs: its rows' indices, int64 on
+        ``device``, in batch order. For layers that run each adapter over its own rows."""
+        row_adapter = self.rows_for(held, device)
+        by_adapter = [(name, (row_adapter == index).nonzero().squeeze(1)) for index, name in enumerate(held)]
+        return [(name, rows) for name, rows in by_adapter if rows.numel()]
+
     def segments_for(self, rows: torch.Tensor, tokens_per_row: int, adapters: int):
         """``rows`` (from ``rows_for``) grouped by adapter for ``grouped_lora`` (``segment_rows``), once per
         forward."""
