@@ -102,3 +102,29 @@ def input_ids() -> torch.Tensor:
 def copy_lora_weights(src_peft_model, dst_model) -> None:
     """Copy every tensor of a peft model (adapters included) into ours; the in-memory keys are identical."""
     dst_model.load_state_dict(src_peft_model.state_dict(), strict=True)
+
+
+def move_dora_magnitudes_off_their_norms(model) -> None:
+    """Scale every DoRA magnitude by ``linspace(0.5, 1.5)``, in place: at init ``m = ‖W + s·B A‖`` and DoRA's
+    rescaling is the identity, which would hide a wrong rescaling."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
+
+
+def mixed_batch_and_single_runs(model, run, inputs, routes):
+    """``(mixed, alone)``: ``run(model, inputs, adapter_names=routes)`` and, per row ``b``, ``run`` on that row
+    alone with ``routes[b]`` active (``"__base__"``: adapters disabled). Eval, no grad; leaves ``model`` with the
+    last routed adapter active."""
+    with torch.no_grad():
+        mixed = run(model, inputs, adapter_names=routes)
+        alone = []
+        for row, name in enumerate(routes):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone.append(run(model, inputs[row : row + 1]))
+            else:
+                model.set_adapter(name)
+                alone.append(run(model, inputs[row : row + 1]))
+    return mixed, torch.cat(alone)

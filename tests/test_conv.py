@@ -9,7 +9,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import copy_lora_weights
+from conftest import copy_lora_weights, mixed_batch_and_single_runs, move_dora_magnitudes_off_their_norms
 from safetensors.torch import load_file
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
@@ -345,21 +345,14 @@ def test_conv_dora_rows_of_a_mixed_batch_equal_single_adapter_runs():
     model.add_adapter(
         "plain", lora_engine.LoraConfig(target_modules=["strided"], r=2, init_lora_weights=False)
     )
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
+    move_dora_magnitudes_off_their_norms(model)
     model.eval()
     routes = ["default", "__base__", "plain", "default"]
     images = torch.randn(len(routes), 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        mixed = model(images, adapter_names=routes)
-        for row, name in enumerate(routes):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model(images[row : row + 1])
-            else:
-                model.set_adapter(name)
-                alone = model(images[row : row + 1])
-            torch.testing.assert_close(mixed[row : row + 1], alone, **TOLERANCE)
+
+    def run(model, images, **kwargs):
+        return model(images, **kwargs)
+
+    mixed, alone = mixed_batch_and_single_runs(model, run, images, routes)
+    torch.testing.assert_close(mixed, alone, **TOLERANCE)
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-4)  # the adapter changes the output

@@ -11,7 +11,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import copy_lora_weights
+from conftest import copy_lora_weights, mixed_batch_and_single_runs, move_dora_magnitudes_off_their_norms
 from transformers import LlamaForCausalLM
 
 import lora_engine
@@ -373,10 +373,7 @@ def _llama_with_dora_and_plain_adapters(llama_factory):
         "wide", lora_engine.LoraConfig(r=8, target_modules=targets, use_dora=True, init_lora_weights=False)
     )
     model.add_adapter("plain", lora_engine.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
+    move_dora_magnitudes_off_their_norms(model)
     return model.eval()
 
 
@@ -385,18 +382,13 @@ def test_dora_rows_of_a_mixed_batch_equal_single_adapter_runs(llama_factory):
     model = _llama_with_dora_and_plain_adapters(llama_factory)
     routes = ["default", "wide", "__base__", "plain", "wide"]
     input_ids = torch.randint(0, 128, (len(routes), 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        mixed = model(input_ids=input_ids, adapter_names=routes).logits
-        for row, name in enumerate(routes):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model(input_ids=input_ids[row : row + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=input_ids[row : row + 1]).logits
-            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
-        model.set_adapter("default")
-        assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ, so the rows do
+
+    def run(model, input_ids, **kwargs):
+        return model(input_ids=input_ids, **kwargs).logits
+
+    mixed, alone = mixed_batch_and_single_runs(model, run, input_ids, routes)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters differ, so the rows do
 
 
 def test_combining_dora_adapters_is_refused_naming_them(llama_factory):

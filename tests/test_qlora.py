@@ -11,7 +11,7 @@ import peft
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
-from conftest import VOCAB_SIZE
+from conftest import VOCAB_SIZE, mixed_batch_and_single_runs, move_dora_magnitudes_off_their_norms
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import lora_engine
@@ -510,20 +510,13 @@ def test_dora_on_8bit_is_refused_naming_the_layer(load):
 def test_dora_on_4bit_rows_of_a_mixed_batch_equal_single_adapter_runs(load):
     model = lora_engine.get_peft_model(load(), lora_engine.LoraConfig(**{**DORA, "init_lora_weights": False}))
     model.add_adapter("other", lora_engine.LoraConfig(**{**DORA, "r": 2, "init_lora_weights": False}))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
+    move_dora_magnitudes_off_their_norms(model)
     model.eval()
     routes = ["other", "__base__", "default"]
     rows = torch.randint(0, VOCAB_SIZE, (len(routes), 12), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        mixed = model(input_ids=rows, adapter_names=routes).logits
-        for row, name in enumerate(routes):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone = model(input_ids=rows[row : row + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=rows[row : row + 1]).logits
-            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+
+    def run(model, input_ids, **kwargs):
+        return model(input_ids=input_ids, **kwargs).logits
+
+    mixed, alone = mixed_batch_and_single_runs(model, run, rows, routes)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
