@@ -35,11 +35,11 @@ _PUBLIC_NAMES = {
     **dict.fromkeys(("LoraConfig", "PeftConfig", "PeftType", "TaskType"), "lora_engine.config"),
     **dict.fromkeys(("NoMatchingPeftModuleError", "PeftError", "PeftWarning"), "lora_engine.errors"),
     "prepare_model_for_kbit_training": "lora_engine.kbit",
-    "replace_lora_weights_loftq": "lora_engine.loftq",
-    "LoftQConfig": "lora_engine.loftq_config",
-    "preprocess_corda": "lora_engine.corda",
-    **dict.fromkeys(("CordaConfig", "EvaConfig"), "lora_engine.data_driven_init_configs"),
-    **dict.fromkeys(("get_eva_state_dict", "initialize_lora_eva_weights"), "lora_engine.eva"),
+    "replace_lora_weights_loftq": "lora_engine.initialization.loftq",
+    "LoftQConfig": "lora_engine.initialization.loftq_config",
+    "preprocess_corda": "lora_engine.initialization.corda",
+    **dict.fromkeys(("CordaConfig", "EvaConfig"), "lora_engine.initialization.data_driven_init_configs"),
+    **dict.fromkeys(("get_eva_state_dict", "initialize_lora_eva_weights"), "lora_engine.initialization.eva"),
     **dict.fromkeys(
         (
             "PEFT_TYPE_TO_CONFIG_MAPPING",

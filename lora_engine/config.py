@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from lora_engine import config_checks
-from lora_engine.data_driven_init_configs import CordaConfig, EvaConfig, as_sub_config
 from lora_engine.file_checks import AdapterFileError, read_config_dict
+from lora_engine.initialization.data_driven_init_configs import CordaConfig, EvaConfig, as_sub_config
+from lora_engine.initialization.loftq_config import resolve_loftq_config
 from lora_engine.layers.inits import is_weight_derived
-from lora_engine.loftq_config import resolve_loftq_config
 from lora_engine.peft_format import CONFIG_NAME, PEFT_FORMAT_VERSION
 from lora_engine.serialization import atomic_write
 from lora_engine.unsupported_options import FLAGS, INIT_CONFIGS, PEFT_ONLY_INITS, WHEN_GIVEN

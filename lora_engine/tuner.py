@@ -16,6 +16,7 @@ from torch import nn
 
 from lora_engine.config import LoraConfig
 from lora_engine.extra_targets import add_parameter_loras, add_trainable_tokens, wrapped_bases
+from lora_engine.initialization.loftq_config import LoftQConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.dense import LoraLinear
 from lora_engine.layers.dispatch import as_dora, check_lora_bias, naming_module, wrap_module
@@ -23,7 +24,6 @@ from lora_engine.layers.dora import DORA_CLASSES
 from lora_engine.layers.inits import is_weight_derived
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
 from lora_engine.layers.routing import BASE_ONLY, AdapterRouting
-from lora_engine.loftq_config import LoftQConfig
 from lora_engine.module_tree import named_modules_outside_adapters, replace_submodule
 from lora_engine.serialization import check_adapter_name
 from lora_engine.targeting import find_targets, is_module_to_save, rank_and_alpha

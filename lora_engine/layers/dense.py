@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_engine.initialization.loftq_config import LoftQConfig
 from lora_engine.layers import inits
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.corda_init import corda_factors
 from lora_engine.layers.loftq import loftq_factors
-from lora_engine.loftq_config import LoftQConfig
 from lora_engine.ops.grouped_lora import grouped_lora
 from lora_engine.ops.lora_linear import lora_linear
 

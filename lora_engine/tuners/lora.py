@@ -16,8 +16,8 @@ Each name is ours for the same concept, so ``isinstance(module, X)`` finds the m
 - ``LoraLayer`` is their base class, so ``isinstance(module, LoraLayer)`` finds every LoRA layer as in peft.
 - ``LoftQConfig``, ``LoraConfig``, ``LoraModel``, ``EvaConfig``, ``CordaConfig``, ``get_eva_state_dict``,
   ``initialize_lora_eva_weights``, ``preprocess_corda``: the same objects as ``lora_engine``'s; ``eva`` and
-  ``corda`` are ``lora_engine.eva`` and ``lora_engine.corda`` (as attributes, not ``import ... .eva``: this is a
-  module, not a package).
+  ``corda`` are ``lora_engine.initialization.eva`` and ``.corda`` (as attributes, not ``import ... .eva``: this
+  is a module, not a package).
 
 peft's other names here (quantization backends such as ``GPTQLoraLinear``, the configs of inits and variants we
 do not implement, peft's internal submodules) raise an ``ImportError`` saying why.
@@ -25,18 +25,20 @@ do not implement, peft's internal submodules) raise an ``ImportError`` saying wh
 
 from torch import nn
 
-from lora_engine import corda, eva  # peft.tuners.lora.corda/.eva, as attributes (not a package)
 from lora_engine.config import LoraConfig
-from lora_engine.corda import preprocess_corda
-from lora_engine.data_driven_init_configs import CordaConfig, EvaConfig
-from lora_engine.eva import get_eva_state_dict, initialize_lora_eva_weights
+
+# peft.tuners.lora.corda/.eva, as attributes (not a package)
+from lora_engine.initialization import corda, eva
+from lora_engine.initialization.corda import preprocess_corda
+from lora_engine.initialization.data_driven_init_configs import CordaConfig, EvaConfig
+from lora_engine.initialization.eva import get_eva_state_dict, initialize_lora_eva_weights
+from lora_engine.initialization.loftq_config import LoftQConfig
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.conv import LoraConv
 from lora_engine.layers.dense import LoraLinear as Linear
 from lora_engine.layers.embedding import LoraEmbedding as Embedding
 from lora_engine.layers.multihead_attention import LoraMultiheadAttention as MultiheadAttention
 from lora_engine.layers.parameters import LoraParameters as ParamWrapper
-from lora_engine.loftq_config import LoftQConfig
 from lora_engine.peft_names import UnsupportedPeftName, unsupported_name
 from lora_engine.tuner import LoraModel
 

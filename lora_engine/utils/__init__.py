@@ -8,9 +8,9 @@ from lora_engine.adapter_files import load_peft_weights
 from lora_engine.base_state_dict import get_base_model_state_dict, set_base_model_state_dict
 from lora_engine.config import PeftType, TaskType
 from lora_engine.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
+from lora_engine.initialization.loftq import replace_lora_weights_loftq
 from lora_engine.kbit import prepare_model_for_kbit_training
 from lora_engine.layers.modules_to_save import ModulesToSaveWrapper
-from lora_engine.loftq import replace_lora_weights_loftq
 from lora_engine.peft_format import BIN_NAME as WEIGHTS_NAME
 from lora_engine.peft_format import CONFIG_NAME
 from lora_engine.peft_format import SAFETENSORS_NAME as SAFETENSORS_WEIGHTS_NAME

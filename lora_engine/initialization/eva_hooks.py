@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from lora_engine.incremental_pca import IncrementalPCA
+from lora_engine.initialization.incremental_pca import IncrementalPCA
 
 
 def prepare_model_inputs_fn_language_modeling(model_input, peft_config) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_engine.eva_hooks import (
+from lora_engine.initialization.eva_hooks import (
     InputFingerprint,
     InputSvd,
     forward_fn_dict,
