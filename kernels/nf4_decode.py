@@ -3,7 +3,7 @@
 Shared by every kernel that reads a 4-bit weight: ``nf4_dequantize`` (decode to a dense weight), ``nf4_merge``
 (decode, add, quantize again) and ``nf4_lora_linear`` (decode inside the GEMV). Element by element
 (``decode_4bit`` = ``code_values`` × ``block_scale``), or, where rows start on a byte, both elements of a byte at
-once (``code_pairs``, from ``pair_table``) times the same ``block_scale``. The format is described in
+once (``code_pairs`` from ``pair_table``, or ``code_nibbles`` from the code table) times the same ``block_scale``. The format is described in
 ``reference/nf4_dequantize.py``; in short, element ``e`` of the row-major flattened weight decodes to
 ``code[nibble(e)] * absmax[e // BLOCKSIZE]`` in fp32, the high nibble of byte ``e // 2`` first, and with double
 quant ``absmax`` is itself decoded from 8 bits: ``((code2[q] * absmax2[block // BLOCKSIZE2]) → ABSMAX2_DTYPE)
@@ -26,6 +26,7 @@ __all__ = [
     "TRITON_DTYPES",
     "absmax_operands",
     "block_scale",
+    "code_nibbles",
     "code_pairs",
     "code_values",
     "decode_4bit",
@@ -73,6 +74,14 @@ def code_pairs(byte_indices, mask, packed_ptr, pair_table_ptr):
     first = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     second = ((pair >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     return first, second
+
+
+@triton.jit
+def code_nibbles(byte_indices, mask, packed_ptr, code_ptr):
+    """``code_pairs``' result from one byte load and two loads from the 16-entry fp32 code table (64 bytes: one
+    cache line, where the 2 KB pair table spans sixteen, so that a warp's lookups hit fewer lines)."""
+    packed = tl.load(packed_ptr + byte_indices, mask=mask, other=0).to(tl.int32)
+    return tl.load(code_ptr + (packed >> 4)), tl.load(code_ptr + (packed & 0xF))
 
 
 @triton.jit

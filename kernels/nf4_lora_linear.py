@@ -12,9 +12,13 @@ The Triton backend's math for ``ops.nf4_lora_linear``: ``forward`` and ``backwar
   ``Wtile · xᵀ`` (a tensor-core dot once the rows are padded to 16; a broadcast multiply-and-sum for a single
   row). Its epilogue adds ``s · xa Bᵀ`` (rank-r, chunked by ``BLOCK_R``) and the bias, and writes y once.
   Where ``in`` is even (every real layer) rows start on a byte: each byte is loaded once and decoded to both its
-  elements by one load from a 256-entry pair table (``nf4_decode.code_pairs``), and the two halves multiply the
-  even and the odd columns of x (no interleave); where rows also hold whole blocks and a tile row stays inside one
-  block, each absmax (nested decode included) is decoded once per tile row, not per element. An odd ``in``
+  elements, and the two halves multiply the even and the odd columns of x (no interleave). The decode is an
+  autotuned choice, timed at first use like the tiles: one load from a 256-entry int64 pair table
+  (``nf4_decode.code_pairs``: one lookup per byte, but a warp's 32 lookups spread over the table's sixteen
+  128-byte lines) or two from the 16-entry code table (``code_nibbles``: two lookups, each warp's within one
+  line). Which costs less depends on how the GPU's L1 serves scattered lookups, which could not be measured
+  here. Where rows also hold whole blocks and a tile row stays inside one block, each absmax (nested decode
+  included) is decoded once per tile row, not per element. An odd ``in``
   decodes element by element (``nf4_decode.decode_4bit``).
 - **Large row counts**: the weight is decoded into a per-(device, dtype) scratch buffer
   (``nf4_dequantize(out=...)``, one launch, bit-exact), then the dense op's math (``kernels.lora_linear.forward``,
@@ -45,7 +49,15 @@ import triton.language as tl
 from . import lora_linear as dense
 from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, on_device, rank_block
 from .low_rank import project
-from .nf4_decode import TRITON_DTYPES, absmax_operands, block_scale, code_pairs, decode_4bit, pair_table
+from .nf4_decode import (
+    TRITON_DTYPES,
+    absmax_operands,
+    block_scale,
+    code_nibbles,
+    code_pairs,
+    decode_4bit,
+    pair_table,
+)
 from .nf4_dequantize import nf4_dequantize
 
 __all__ = ["GEMV_MAX_ROWS", "backward", "forward"]
@@ -58,16 +70,21 @@ _buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _pair_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _config(block_n, block_k, warps, stages):
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _config(block_n, block_k, warps, stages, pair_table=True):
+    return triton.Config(
+        {"BLOCK_N": block_n, "BLOCK_K": block_k, "PAIR_TABLE": pair_table}, num_warps=warps, num_stages=stages
+    )
 
 
 # Memory-bound: small feature tiles give enough programs to stream the weight (11008 / 32 = 344 programs for an
 # MLP projection). One row (no dot): at most 32 decoded weights per thread (32 × 128 with 4 warps spilled). Several
 # rows (a dot): two stages and tiles of at most 64 × 64, or 32 × 128; larger ones spilled registers or overflowed
 # shared memory compiled for sm_90a (tests/kernel_ops/test_kernels_compile_for_h100.py).
-_ROW_CONFIGS = [_config(16, 256, 4, 3), _config(32, 64, 4, 3), _config(64, 64, 4, 3), _config(32, 256, 8, 3)]
-_DOT_CONFIGS = [_config(32, 64, 4, 2), _config(64, 64, 4, 2), _config(32, 128, 4, 2), _config(64, 64, 8, 2)]
+# Each tile with either byte decode (PAIR_TABLE, see the module docstring).
+_ROW_TILES = [(16, 256, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 256, 8, 3)]
+_DOT_TILES = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 64, 8, 2)]
+_ROW_CONFIGS = [_config(*tile, pair_table) for tile in _ROW_TILES for pair_table in (True, False)]
+_DOT_CONFIGS = [_config(*tile, pair_table) for tile in _DOT_TILES for pair_table in (True, False)]
 
 
 def _prune_gemv_configs(configs, named_args, **constexprs):
@@ -155,6 +172,7 @@ def _gemv_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PAIR_TABLE: tl.constexpr,
 ):
     """``out[:, tile] = x Wᵀ + b + scale · xa Bᵀ`` for one tile of ``BLOCK_N`` output features and all ``M ≤
     BLOCK_M`` rows, W decoded from 4 bits on the fly. Computed transposed, ``[BLOCK_N, BLOCK_M]``, so that the
@@ -176,7 +194,10 @@ def _gemv_kernel(
             pair_ok = pairs < K // 2
             in_bounds = feature_ok[:, None] & pair_ok[None, :]
             byte_indices = first_element[:, None] // 2 + pairs[None, :]
-            first, second = code_pairs(byte_indices, in_bounds, packed_ptr, pair_table_ptr)
+            if PAIR_TABLE:
+                first, second = code_pairs(byte_indices, in_bounds, packed_ptr, pair_table_ptr)
+            else:
+                first, second = code_nibbles(byte_indices, in_bounds, packed_ptr, code_ptr)
             if tl.constexpr(WHOLE_BLOCK_ROWS and BLOCKSIZE % BLOCK_K == 0):
                 # Each tile row lies in one 4-bit block: its absmax (nested decode included) once per row.
                 absmax = block_scale(

@@ -126,6 +126,26 @@ def test_gemv_on_even_widths_decodes_bytes_in_pairs_and_matches_the_reference(
 
 
 @pytest.mark.parametrize("rows", [1, GEMV_ROWS])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_gemv_decodes_bytes_from_the_code_table_exactly_as_from_the_pair_table(quant_type, rows, monkeypatch):
+    # The two byte decodes the autotuner chooses between on a GPU (PAIR_TABLE) look up the same fp32 codes, so
+    # the GEMV's results are identical, bit for bit, and both match the reference.
+    from lora_engine.kernels import nf4_lora_linear as kernel
+
+    weight4 = _weight4(quant_type=quant_type, in_features=64)
+    x, bias, lora_A, lora_B = _operands((rows,), torch.float32, in_features=64)
+    outputs = {}
+    for pair_table in (True, False):
+        (config,) = kernel._gemv_kernel.configs  # the interpreter's one config
+        variant = kernel._config(config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], 1, 1, pair_table)
+        monkeypatch.setattr(kernel._gemv_kernel, "configs", [variant])
+        outputs[pair_table], _ = _run("triton", x, weight4, bias, lora_A, lora_B, 0.0)
+    assert torch.equal(outputs[True], outputs[False])
+    want_out, _ = _run("reference", x, weight4, bias, lora_A, lora_B, 0.0)
+    _assert_close(outputs[False], want_out, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS])
 def test_gemv_on_an_even_width_in_bf16_matches_the_reference(rows):
     weight4 = _weight4(torch.bfloat16, quant_type="fp4", in_features=64)
     _assert_matches_reference((rows,), torch.bfloat16, weight4, in_features=64)
