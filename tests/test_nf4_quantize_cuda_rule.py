@@ -138,11 +138,15 @@ def test_an_all_zero_block_scales_to_nan_and_takes_index_zero(quant_type, index)
 def test_subnormals_are_flushed_to_zero_before_the_absmax_and_after_scaling(quant_type):
     subnormal_block = torch.tensor([SUBNORMAL, -SUBNORMAL]).repeat(32)  # flushed: an all-zero block
     tiny_in_unit_block = torch.cat([torch.ones(1), torch.full((63,), -SUBNORMAL)])  # -0 < 0 is false: no sign
-    packed, absmax = quantize_4bit_cuda(torch.cat([subnormal_block, tiny_in_unit_block]), 64, quant_type)
-    assert absmax.tolist() == [0.0, 1.0]
-    zero = TREES[quant_type](np.float32(0.0))
-    assert _indices(packed)[64:].tolist() == [TREES[quant_type](np.float32(1.0))] + [zero] * 63
-    assert _indices(packed)[:64].tolist() == [0] * 64
+    # The smallest normal over an absmax of 4 scales to a subnormal, flushed as well.
+    scaled_to_subnormal = torch.cat(
+        [torch.full((1,), 4.0), torch.full((63,), -torch.finfo(torch.float32).tiny)]
+    )
+    values = torch.cat([subnormal_block, tiny_in_unit_block, scaled_to_subnormal])
+    packed, absmax = quantize_4bit_cuda(values, 64, quant_type)
+    assert absmax.tolist() == [0.0, 1.0, 4.0]
+    zero, one = TREES[quant_type](np.float32(0.0)), TREES[quant_type](np.float32(1.0))
+    assert _indices(packed).tolist() == [0] * 64 + ([one] + [zero] * 63) * 2
 
 
 def test_an_unknown_quant_type_is_refused_naming_it():

@@ -14,7 +14,9 @@ Contract::
   (literal thresholds, a hardware reciprocal, subnormals flushed; ``reference/nf4_quantize.py`` emulates it),
   ``"torch"`` its pure-PyTorch quantizer, which its CPU backend runs. ``None`` (the default) takes the one of
   ``packed``'s device, which is what the recipe would run there. On a GPU the CUDA rule uses the same reciprocal
-  instruction as bnb; under the interpreter the correctly rounded one (see ``kernels/nf4_merge.py``).
+  instruction as bnb; under the interpreter the correctly rounded one (see ``kernels/nf4_merge.py``). The CUDA
+  rule is read from bnb 0.50's kernels.cu and SASS and tested here against its emulation; the CUDA-only tests
+  of ``tests/kernel_ops/test_nf4_merge_cuda_rule.py`` compare it with bnb's own kernel on a GPU.
 - ``check_finite``: raises ``FloatingPointError`` when any merged value is NaN/Inf; nothing is written either way
   (the results are new tensors), so a caller installs them only after this returns.
 

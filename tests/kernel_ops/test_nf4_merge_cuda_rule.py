@@ -70,15 +70,20 @@ def test_unmerge_packs_what_bnb_cuda_quantize_4bit_packs(quant_type):
 
 
 def _adversarial_sums(quant_type: str) -> torch.Tensor:
-    """917 fp32 values in blocks of 64: thresholds and their fp32 neighbours in a block of absmax 1 (exact
-    reciprocal), the same times 3 in a block of absmax 3 (rounded reciprocal), an all-zero block, a block of
-    subnormals, ten random blocks, and a partial last block of thresholds."""
+    """917 fp32 values (on the CPU) in blocks of 64: thresholds and their fp32 neighbours in a block of absmax 1
+    (exact reciprocal), the same times 3 in a block of absmax 3 (rounded reciprocal), an all-zero block, a block of
+    subnormals, ten random blocks (the first led by ±the smallest normal, which scale to subnormals), and a partial
+    last block of thresholds."""
+    cpu = {"device": "cpu"}
     thresholds = NF4_THRESHOLDS if quant_type == "nf4" else torch.cat([FP4_THRESHOLDS, -FP4_THRESHOLDS])
-    near = torch.cat([thresholds, *(torch.nextafter(thresholds, torch.tensor(to)) for to in (1.0, -1.0))])
-    unit = torch.cat([torch.ones(1), near, torch.zeros(63 - near.numel())])
-    subnormals = torch.tensor([1e-40, -1e-40]).repeat(32)
-    random = torch.randn(640, generator=torch.Generator().manual_seed(2))
-    return torch.cat([unit, 3 * unit, torch.zeros(64), subnormals, random, unit[:21]])
+    near = torch.cat(
+        [thresholds, *(torch.nextafter(thresholds, torch.tensor(to, **cpu)) for to in (1.0, -1.0))]
+    )
+    unit = torch.cat([torch.ones(1, **cpu), near, torch.zeros(63 - near.numel(), **cpu)])
+    subnormals = torch.tensor([1e-40, -1e-40], **cpu).repeat(32)
+    random = torch.randn(640, generator=torch.Generator().manual_seed(2), **cpu)
+    random[:2] = torch.tensor([-1.0, 1.0], **cpu) * torch.finfo(torch.float32).tiny
+    return torch.cat([unit, 3 * unit, torch.zeros(64, **cpu), subnormals, random, unit[:21]])
 
 
 # numpy warns inside the interpreter about the all-zero block's 1 / 0 and 0 * inf, which bnb's kernel computes too
@@ -88,7 +93,7 @@ def _adversarial_sums(quant_type: str) -> torch.Tensor:
 def test_sums_on_and_next_to_thresholds_zero_blocks_and_subnormals_pack_as_bnb_cuda(quant_type):
     # The weight is all zeros, so the merged sums are the delta itself, bit for bit.
     packed, state = bnb_F.quantize_4bit(torch.zeros(917), blocksize=64, quant_type=quant_type)
-    delta = _adversarial_sums(quant_type)
+    delta = _adversarial_sums(quant_type).to(packed.device)
     new_packed, new_absmax = nf4_merge(packed, state, delta, rule="cuda")
     want_packed, want_absmax = _cuda_quantized(delta, 64, quant_type)
     assert torch.equal(new_packed, want_packed) and torch.equal(new_absmax, want_absmax)
@@ -140,9 +145,12 @@ def test_merge_on_cuda_equals_bnb_cuda_recipe_for_other_blocksizes(kernels, quan
 @needs_compiled_cuda
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_the_emulation_equals_bnb_cuda_where_the_reciprocal_is_exact(quant_type):
-    # Blocks of absmax 1 or 2^-3: 1.0f / absmax is exact whatever MUFU.RCP rounds, so every index is the tree's.
+    # Every block's absmax a power of two: 1.0f / absmax is exact whatever MUFU.RCP rounds, so the emulation's
+    # correctly rounded reciprocal is the GPU's and every index must be the tree's.
     values = _adversarial_sums(quant_type)
-    values[64:128] /= 3 * 8  # the absmax-3 block becomes absmax 1/8
+    values[64:128] /= 3 * 8  # the absmax-3 block: absmax 1/8
+    random_blocks = values[256:896].view(10, 64)
+    random_blocks.clamp_(-1.99, 1.99)[:, 2] = 2.0  # absmax 2 (after the first block's ±smallest normal)
     want_packed, want_absmax = quantize_4bit_cuda(values, 64, quant_type)
     packed, state = bnb_F.quantize_4bit(values.cuda(), blocksize=64, quant_type=quant_type)
     assert torch.equal(packed.reshape(-1).cpu(), want_packed) and torch.equal(state.absmax.cpu(), want_absmax)
