@@ -15,14 +15,15 @@ of the flattened input (the last block may be partial; its missing elements are 
 - Two indices per byte, the high nibble first; with an odd element count the last byte's low nibble is the
   index of a padding 0 scaled by the last block's ``r``.
 
-What ``--use_fast_math`` changes, read from the sm_90 SASS of ``libbitsandbytes_cuda128.so`` (bnb 0.50.2):
-subnormals are flushed to zero on input and output (``FMNMX.FTZ`` for the absmax, ``FMUL.FTZ`` for the scaling,
-``FSETP.GT.FTZ`` for the tests), and ``1.0f / absmax`` is ``MUFU.RCP``, the hardware's approximate reciprocal
-(``rcp.approx.ftz.f32``, within 1 ulp of the true value). This module takes the correctly rounded reciprocal
-instead: NVIDIA does not publish MUFU.RCP's rounding, so the two agree wherever it rounds correctly (expected at
-least for powers of two, whose reciprocal is exact) and may differ by one ulp elsewhere, which changes an index only when a scaled value lies within
-about an ulp of a threshold. ``nf4_merge`` compiled for CUDA issues MUFU.RCP itself, so on a GPU it is compared
-with bnb directly (tests/kernel_ops/test_nf4_merge_kernel.py); everything else here is bit-exact by construction.
+What ``--use_fast_math`` changes, read from the sm_90 SASS of bnb 0.50.2's ``libbitsandbytes_cuda*.so`` (the
+same in its CUDA 11.8 to 13.2 builds): subnormals are flushed to zero on input and output (``FMNMX.FTZ`` for the
+absmax, ``FMUL.FTZ`` for the scaling, ``FSETP.GT.FTZ`` for the tests), and ``1.0f / absmax`` is ``MUFU.RCP``, the
+hardware's approximate reciprocal (``rcp.approx.ftz.f32``, within 1 ulp). This module takes the correctly rounded
+reciprocal instead: NVIDIA does not publish MUFU.RCP's rounding, so the two agree wherever it rounds correctly
+(expected at least for powers of two, whose reciprocal is exact) and may differ by one ulp elsewhere, which
+changes an index only where a scaled value lies within about an ulp of a threshold. ``nf4_merge`` compiled for
+CUDA issues MUFU.RCP itself, so on a GPU it is compared with bnb directly
+(``tests/kernel_ops/test_nf4_merge_cuda_rule.py``); everything else here is bit-exact by construction.
 """
 
 from __future__ import annotations

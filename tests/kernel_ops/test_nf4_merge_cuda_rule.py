@@ -124,15 +124,13 @@ def _compiled(kernels) -> None:
 
 
 @needs_compiled_cuda
-@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_merge_on_cuda_equals_bnb_cuda_recipe_for_other_blocksizes(kernels, quant_type, double_quant):
+def test_merge_on_cuda_equals_bnb_cuda_recipe_for_other_blocksizes(kernels, quant_type):
     _compiled(kernels)
-    # 64 and 4096 run above (on a GPU these tests get CUDA tensors too); 32 and 64 take bnb's small-block kernel.
+    # 64 and 4096, single and double quant, run above (on a GPU those tests get CUDA tensors too); bnb quantizes
+    # blocks of 32 and 64 with its small-block kernel, larger ones with kQuantizeBlockwise.
     for blocksize in (32, 128, 1024):
-        packed, state = _quantized(
-            (301, 517), quant_type, double_quant, blocksize
-        )  # odd count, partial block
+        packed, state = _quantized((301, 517), quant_type, True, blocksize)  # odd count, partial last block
         packed, state = packed.cuda(), state.to("cuda")
         delta = 0.3 * torch.randn(301, 517, generator=torch.Generator().manual_seed(1)).cuda()
         new_packed, new_absmax = nf4_merge(packed, state, delta)
