@@ -21,9 +21,7 @@ from lora_engine.reference.nf4_quantize import FP4_THRESHOLDS, NF4_THRESHOLDS, q
 pytestmark = pytest.mark.usefixtures("kernels")
 
 SHAPES = {64: (29, 45), 4096: (67, 131)}  # 1305 and 8777 elements: partial last blocks, odd counts
-needs_compiled_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA (bnb's CUDA kernel)"
-)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bnb's CUDA kernel)")
 
 
 def _cuda_quantized(
@@ -36,8 +34,8 @@ def _cuda_quantized(
     return quantize_4bit_cuda(values, blocksize, quant_type)
 
 
-def _quantized(shape, quant_type, double_quant, blocksize, dtype=torch.bfloat16, scale=1.0):
-    weight = scale * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+def _quantized(shape, quant_type, double_quant, blocksize, dtype=torch.bfloat16):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     return bnb_F.quantize_4bit(
         weight.to(dtype), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
     )
@@ -123,7 +121,7 @@ def _compiled(kernels) -> None:
         pytest.skip("compiled kernels only: the interpreter's reciprocal is not the GPU's MUFU.RCP")
 
 
-@needs_compiled_cuda
+@needs_cuda
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_merge_on_cuda_equals_bnb_cuda_recipe_for_other_blocksizes(kernels, quant_type):
     _compiled(kernels)
@@ -131,7 +129,8 @@ def test_merge_on_cuda_equals_bnb_cuda_recipe_for_other_blocksizes(kernels, quan
     # blocks of 32 and 64 with its small-block kernel, larger ones with kQuantizeBlockwise.
     for blocksize in (32, 128, 1024):
         packed, state = _quantized((301, 517), quant_type, True, blocksize)  # odd count, partial last block
-        packed, state = packed.cuda(), state.to("cuda")
+        packed = packed.cuda()
+        state.to("cuda")  # in place (QuantState.to returns None)
         delta = 0.3 * torch.randn(301, 517, generator=torch.Generator().manual_seed(1)).cuda()
         new_packed, new_absmax = nf4_merge(packed, state, delta)
         merged = _recipe(packed, state, delta, False)
@@ -140,7 +139,7 @@ def test_merge_on_cuda_equals_bnb_cuda_recipe_for_other_blocksizes(kernels, quan
         assert torch.equal(new_absmax, want_state.absmax), blocksize
 
 
-@needs_compiled_cuda
+@needs_cuda
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_the_emulation_equals_bnb_cuda_where_the_reciprocal_is_exact(quant_type):
     # Every block's absmax a power of two: 1.0f / absmax is exact whatever MUFU.RCP rounds, so the emulation's
@@ -168,14 +167,13 @@ class _Tiny4bit(torch.nn.Module):
 def _lora_4bit_on_cuda(quant_type, double_quant):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        module = _Tiny4bit(quant_type, double_quant).to(
-            "cuda"
-        )  # moving an unquantized Params4bit quantizes it
+        # Moving an unquantized Params4bit quantizes it, here with bnb's CUDA kernel.
+        module = _Tiny4bit(quant_type, double_quant).to("cuda")
         config = LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False)
         return get_peft_model(module, config)
 
 
-@needs_compiled_cuda
+@needs_cuda
 @pytest.mark.filterwarnings("ignore:Merge lora module", "ignore:Unmerge lora module")
 @pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("fp4", False)])
 def test_lora_linear_4bit_on_cuda_merges_through_the_kernel_byte_for_byte_as_the_recipe(
