@@ -249,11 +249,12 @@ class LoraLinear4bit(_BnbLoraLinear):
             param.data = param.data.to(device=device, dtype=dtype or param.dtype)
 
     def _merge_delta(self, delta: torch.Tensor, subtract: bool) -> None:
-        """The recipe in one Triton pass (``ops.nf4_merge``) where it is bit-exact with it: off CUDA, under
-        ``LORA_ENGINE_BACKEND=triton`` (bnb's CUDA quantizer rounds differently and is not matched yet, see the
-        op); the recipe elsewhere. Either way the result is what ``_requantize`` of the fp32 sum installs."""
+        """The recipe in one Triton pass (``ops.nf4_merge``) where the backend runs Triton on the weight's device
+        (CUDA by default; the CPU under ``LORA_ENGINE_BACKEND=triton``); the recipe elsewhere, and on ROCm (the
+        kernel reproduces bnb's NVIDIA build). The op quantizes with the rule bnb's ``quantize_4bit`` has on that
+        device, so either way the result is bit for bit what ``_requantize`` of the fp32 sum installs."""
         old = self.base_layer.weight
-        if old.device.type == "cuda" or not backend.uses_triton("nf4_merge", old.device):
+        if torch.version.hip is not None or not backend.uses_triton("nf4_merge", old.device):
             super()._merge_delta(delta, subtract)
             return
         packed, quant_state = _portable_4bit(old)

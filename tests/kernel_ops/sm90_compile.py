@@ -78,6 +78,8 @@ def _compile(jit_function, args: dict, constexprs: dict, num_warps: int, num_sta
             set(re.findall(r"\b(wgmma\.mma_async\S*|mma\.sync\S*)", compiled.asm["ptx"]))
         ),
         "fp32_fma": "fma.rn.f32" in compiled.asm["ptx"],
+        # The approximate reciprocal bnb's CUDA build uses for 1 / absmax (nvcc --use_fast_math: MUFU.RCP).
+        "rcp_approx": "rcp.approx.ftz.f32" in compiled.asm["ptx"],
     }
 
 
@@ -305,19 +307,20 @@ def _nf4_cases():
         "order_ptr": _tensor(torch.int32), "new_packed_ptr": _tensor(torch.uint8),
         "new_absmax_ptr": _tensor(torch.float32), "flag_ptr": _tensor(torch.int32),
     }  # fmt: skip
-    for blocksize in (64, 4096):
-        merge_constexprs = {
-            **constexprs,
-            "BLOCKSIZE": blocksize,
-            "SIGN": 1.0,
-            "WEIGHT_DTYPE": triton.language.bfloat16,
-        }
-        del merge_constexprs["BLOCK"]
-        result = _compile(
-            nf4_merge._merge_kernel, merge_args, merge_constexprs, nf4_merge.num_warps(blocksize), 3,
-            enable_fp_fusion=False,
-        )  # fmt: skip
-        yield {"case": f"nf4_merge: double quant, blocksize {blocksize}, bf16 weight", **result}
+    # bnb's pure-PyTorch rounding rule (the CPU's), then its CUDA rule for NF4 and FP4 (FP4 adds the sign bit).
+    for rule, quant_type in (("torch", "nf4"), ("cuda", "nf4"), ("cuda", "fp4")):
+        for blocksize in (64, 4096):
+            merge_constexprs = {
+                **constexprs, "BLOCKSIZE": blocksize, "SIGN": 1.0, "WEIGHT_DTYPE": triton.language.bfloat16,
+                "CUDA_RULE": rule == "cuda", "SIGN_BIT": rule == "cuda" and quant_type == "fp4",
+            }  # fmt: skip
+            del merge_constexprs["BLOCK"]
+            result = _compile(
+                nf4_merge._merge_kernel, merge_args, merge_constexprs, nf4_merge.num_warps(blocksize), 3,
+                enable_fp_fusion=False,
+            )  # fmt: skip
+            name = f"nf4_merge: {rule} rule, {quant_type}, double quant, blocksize {blocksize}, bf16 weight"
+            yield {"case": name, **result}
 
 
 def _gemv_4bit_cases():

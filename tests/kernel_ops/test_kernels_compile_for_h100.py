@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len({record["case"] for record in records}) == 28, records
+    assert len({record["case"] for record in records}) == 32, records
     return records
 
 
@@ -51,7 +51,16 @@ def test_large_grouped_dots_run_on_hopper_warpgroup_mma(compiled):
 def test_nf4_decode_has_no_fused_multiply_add_so_it_rounds_as_bitsandbytes(compiled):
     # The nested absmax is (code2 · absmax2) + offset with two roundings; an FMA would round once.
     decodes = [record for record in compiled if record["case"].startswith("nf4_")]
-    assert len(decodes) == 4 and not any(record["fp32_fma"] for record in decodes), decodes
+    assert len(decodes) == 8 and not any(record["fp32_fma"] for record in decodes), decodes
+
+
+def test_the_cuda_rule_merge_scales_by_the_reciprocal_bnb_cuda_takes(compiled):
+    # bnb's kQuantizeBlockwise (nvcc --use_fast_math) scales by MUFU.RCP(absmax), not by a rounded 1 / absmax.
+    merges = [record for record in compiled if record["case"].startswith("nf4_merge")]
+    by_rule = {record["case"]: record["rcp_approx"] for record in merges}
+    assert len(merges) == 6 and all(approx == (" cuda rule" in case) for case, approx in by_rule.items()), (
+        by_rule
+    )
 
 
 def test_the_fused_gemm_uses_wgmma_in_every_kept_config(compiled):
