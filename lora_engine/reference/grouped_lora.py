@@ -130,29 +130,40 @@ def segmented_lora(
     if not segments.spans:
         return out
     dtype = first_B.dtype
-    flat_x = x.reshape(batch * tokens_per_row, in_features)
-    flat_out = out.view(batch * tokens_per_row, out_features)
+    convert = x.dtype != dtype
     if segments.rows is None:  # every adapter's rows are one slice of x and of out: add in place, no copies
+        flat_x = x.reshape(batch * tokens_per_row, in_features)
+        flat_out = out.view(batch * tokens_per_row, out_features)
         for adapter, start, stop in segments.spans:
             lora_A, lora_B = factors[adapter]
             tokens = slice(start * tokens_per_row, stop * tokens_per_row)
-            hidden = torch.mm(flat_x[tokens].to(dtype), lora_A.t())
+            rows = flat_x[tokens].to(dtype) if convert else flat_x[tokens]
+            hidden = torch.mm(rows, lora_A.t())
             if out.dtype == dtype:
                 flat_out[tokens].addmm_(hidden, lora_B.t(), alpha=scales[adapter])
             else:
                 flat_out[tokens].add_(torch.mm(hidden, lora_B.t()).mul_(scales[adapter]))
         return out
-    gathered = x.reshape(batch, tokens_per_row, in_features).index_select(0, segments.rows).to(dtype)
+    # Rows gathered and put back as [B, T·features] rows: index_add_ over a 3-d [B, T, out] view takes a
+    # scatter path that measured ~4x slower than over the same memory seen as 2-d rows.
+    gathered = x.reshape(batch, tokens_per_row * in_features).index_select(0, segments.rows)
     flat_gathered = gathered.view(-1, in_features)
     delta = torch.empty(flat_gathered.shape[0], out_features, dtype=dtype)
     for adapter, start, stop in segments.spans:
         lora_A, lora_B = factors[adapter]
         tokens = slice(start * tokens_per_row, stop * tokens_per_row)
-        hidden = torch.mm(flat_gathered[tokens], lora_A.t())
+        rows = flat_gathered[tokens].to(dtype) if convert else flat_gathered[tokens]
         # beta=0: the buffer's uninitialised contents are ignored, not added
-        torch.addmm(delta[tokens], hidden, lora_B.t(), beta=0, alpha=scales[adapter], out=delta[tokens])
-    rows_out = out.view(batch, tokens_per_row, out_features)
-    delta = delta.view(-1, tokens_per_row, out_features)
+        torch.addmm(
+            delta[tokens],
+            torch.mm(rows, lora_A.t()),
+            lora_B.t(),
+            beta=0,
+            alpha=scales[adapter],
+            out=delta[tokens],
+        )
+    rows_out = out.view(batch, tokens_per_row * out_features)
+    delta = delta.view(-1, tokens_per_row * out_features)
     if out.dtype == dtype:
         rows_out.index_add_(0, segments.rows, delta)
     else:
