@@ -190,20 +190,13 @@ def test_the_cpu_grouping_equals_the_per_row_gather_of_other_devices():
     torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=1e-5)
 
 
-def test_row_segments_gather_rows_in_adapter_order_when_an_adapters_rows_are_apart():
+def test_row_segments_give_an_adapter_with_rows_apart_their_indices_and_the_others_slices():
     from lora_engine.reference.grouped_lora import row_segments
 
-    segments = row_segments(torch.tensor([5, 0, 5, -1, 1, 2, 3, 4, 5, 6]), 7)
-    assert segments.rows.tolist() == [1, 4, 5, 6, 7, 0, 2, 8, 9]
-    assert segments.spans == ((0, 0, 1), (1, 1, 2), (2, 2, 3), (3, 3, 4), (4, 4, 5), (5, 5, 8), (6, 8, 9))
-
-
-def test_row_segments_are_slices_of_the_batch_when_each_adapters_rows_are_together():
-    from lora_engine.reference.grouped_lora import row_segments
-
-    segments = row_segments(torch.tensor([2, 2, -1, 0, 0, 0, -1, 1]), 3)
-    assert segments.rows is None
-    assert segments.spans == ((0, 3, 6), (1, 7, 8), (2, 0, 2))
+    segments = row_segments(torch.tensor([5, 0, 5, -1, 1, 1, 3, 5]), 7)
+    assert segments.adapters == [0, 1, 3, 5]
+    assert segments.spans[:3] == ((0, slice(1, 2)), (1, slice(4, 6)), (3, slice(6, 7)))
+    assert segments.spans[3][1].tolist() == [0, 2, 7] and segments.spans[3][1].dtype == torch.long
 
 
 def test_row_segments_refuse_a_row_past_the_stacked_adapters():

@@ -156,7 +156,7 @@ class LoraLinear(LoraLayer):
         if not held:
             return result
         self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
-        in_place = not (torch.is_grad_enabled() or not result.is_contiguous())
+        in_place = not torch.is_grad_enabled() and result.is_contiguous()
         if runs_segmented(x.device):
             # The factors as stored, one span of rows per adapter: nothing stacked or padded per forward.
             segments = self.routing.row_segments_for(held)

@@ -17,12 +17,13 @@ Contract::
 - ``segments`` (optional): ``segment_rows(row_adapter, tokens_per_row, n)``, the tokens grouped by adapter
   for the backend that runs them, when the caller computed it once for many layers; else computed here.
 
-No boolean masks and no per-row copy of the factors. On
-the CPU (``reference.grouped_lora``) the rows are segmented by adapter on the host, one span of rows per adapter
-(a loop over the adapters present, two matmuls each, on slices or one gathered copy of the rows); on other devices without Triton each row's factors are gathered. On
-CUDA (or ``LORA_ENGINE_BACKEND=triton``) two Triton launches (``kernels/grouped_lora.py``: shrink into
-``[T, r_max]``, expand into the output), deterministic, with no host sync; base-only tokens do no work. Gradients
-(to ``x``, the factors and nothing else) flow through the Triton path by recomputing the reference in backward.
+No boolean masks. On the CPU (``reference.grouped_lora``) the rows are segmented by adapter on the host, one span
+of rows per adapter present, two matmuls each, on slices of the batch or of one gathered copy of its rows (mixed
+batches on the CPU call ``reference.grouped_lora.segmented_lora`` directly, on the factors as stored; see
+``runs_segmented``); on other devices without Triton each row's factors are gathered. On CUDA (or
+``LORA_ENGINE_BACKEND=triton``) two Triton launches (``kernels/grouped_lora.py``: shrink into ``[T, r_max]``,
+expand into the output), deterministic, with no host sync; base-only tokens do no work. Gradients (to ``x``, the
+factors and nothing else) flow through the Triton path by recomputing the reference in backward.
 
 Raises ``ValueError`` naming the operand when a shape does not fit the above or the operands are on different
 devices, ``TypeError`` when ``row_adapter`` is not an integer tensor or the adapters' dtypes differ. The values of

@@ -1,13 +1,13 @@
 """PyTorch mixed-adapter batch, two ways with the same result (tested against each other):
 
 - on the CPU, rows segmented by adapter (``row_segments``, ``segmented_lora``): the routing is read on the host
-  once per forward (``tolist()``, free for a CPU tensor) into one span of rows per adapter present. Where each
-  adapter's rows already sit together in the batch (one adapter, one row per adapter, rows sent in adapter
-  order) the spans are slices of ``x`` and of the output, and each adapter adds its term in place by one ``mm``
-  and one ``addmm_``: no copy of anything. Otherwise the routed rows are gathered once in adapter order, each
-  span runs the same two matmuls into one buffer, and one ``index_add_`` puts the rows back. The work is the
-  peft loop's (each token meets one adapter), the factors are read where they are stored (no stacking, no
-  padding to the largest rank), and base-only rows do nothing;
+  once per forward (``tolist()``, free for a CPU tensor) into the rows of each adapter present. An adapter whose
+  rows sit together in the batch (one adapter, one row per adapter, rows sent in adapter order) works on a
+  slice of ``x`` and of the output and adds its term in place by one ``mm`` and one ``addmm_``: no copy of
+  anything. An adapter whose rows are apart gathers them (``index_select``), runs the same two matmuls and adds
+  them back (``index_add_``): transients of one adapter's rows at a time, as in the peft loop, so the peak
+  stays at peft's. The work is the peft loop's (each token meets one adapter), the factors are read where they
+  are stored (no stacking, no padding to the largest rank), and base-only rows do nothing;
 - elsewhere, with no host sync: each row's factors gathered, then two batched matmuls."""
 
 from __future__ import annotations
@@ -65,19 +65,18 @@ def _gathered_per_row(x, row_adapter, lora_A, lora_B, scaling) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RowSegments:
-    """The batch rows of a routing, one span per adapter that some row runs, in adapter order.
+    """The batch rows of a routing by adapter, for ``segmented_lora``.
 
-    ``spans``: ``(adapter, start, stop)``. ``rows``: ``None`` when every adapter's rows are consecutive in the
-    batch; the spans then index the batch itself. Otherwise ``rows`` (int64 ``[R]``) lists the routed rows in
-    adapter order and the spans index ``rows``. Rows running no adapter are in no span.
+    ``spans``: ``(adapter, rows)`` for each adapter that some row runs, in adapter order; ``rows`` is a ``slice``
+    of the batch where that adapter's rows are consecutive, else their indices (int64 ``[n]``, ascending). Rows
+    running no adapter are in no span.
     """
 
-    spans: tuple[tuple[int, int, int], ...]
-    rows: torch.Tensor | None
+    spans: tuple[tuple[int, slice | torch.Tensor], ...]
 
     @property
     def adapters(self) -> list[int]:
-        return [adapter for adapter, _, _ in self.spans]
+        return [adapter for adapter, _ in self.spans]
 
 
 def row_segments(row_adapter: torch.Tensor | Sequence[int], adapters: int) -> RowSegments:
@@ -91,16 +90,12 @@ def row_segments(row_adapter: torch.Tensor | Sequence[int], adapters: int) -> Ro
             raise IndexError(f"grouped_lora: row {row} runs adapter {adapter}; only {adapters} are stacked")
         if adapter >= 0:
             rows_of.setdefault(adapter, []).append(row)
-    used = sorted(rows_of)
-    if all(rows_of[a][-1] - rows_of[a][0] == len(rows_of[a]) - 1 for a in used):
-        return RowSegments(tuple((a, rows_of[a][0], rows_of[a][-1] + 1) for a in used), None)
-    spans, start = [], 0
-    for adapter in used:
-        spans.append((adapter, start, start + len(rows_of[adapter])))
-        start += len(rows_of[adapter])
-    return RowSegments(
-        tuple(spans), torch.tensor([row for a in used for row in rows_of[a]], dtype=torch.long)
-    )
+    spans = []
+    for adapter in sorted(rows_of):
+        rows = rows_of[adapter]
+        together = rows[-1] - rows[0] == len(rows) - 1
+        spans.append((adapter, slice(rows[0], rows[-1] + 1) if together else torch.tensor(rows)))
+    return RowSegments(tuple(spans))
 
 
 def segmented_lora(
@@ -117,76 +112,58 @@ def segmented_lora(
     of ``segments`` (ranks may differ; one dtype); ``scales``: indexed by adapter. Without ``out`` returns
     ``delta [B, ..., out]`` (autograd flows to ``x`` and the factors). With ``out`` (``[B, ..., out]``,
     contiguous, any float dtype, no autograd): ``out += delta`` in place, rounded as ``(out +
-    delta).to(out.dtype)``; rows in no span are not touched; returns ``out``.
+    delta).to(out.dtype)``; rows in no span are not touched; returns ``out``. Raises ``ValueError`` without
+    ``out`` when no row runs an adapter (there is nothing to compute the dtype of the zeros from).
     """
+    if not segments.spans:
+        if out is None:
+            raise ValueError("segmented_lora: no row runs an adapter; pass out= or skip the call")
+        return out
     batch, in_features = x.shape[0], x.shape[-1]
     tokens_per_row = math.prod(x.shape[1:-1])
-    first_B = factors[segments.spans[0][0]][1] if segments.spans else None
-    out_features = first_B.shape[0] if first_B is not None else None
+    dtype = factors[segments.spans[0][0]][1].dtype
+    out_features = factors[segments.spans[0][0]][1].shape[0]
+    # Rows as [B, T·features]: index_select / index_add_ along dim 0 of a 3-d [B, T, features] view take a
+    # scatter path that measured several times slower than over the same memory seen as 2-d rows.
+    x_rows = x.reshape(batch, tokens_per_row * in_features)
     if out is None:
-        return _segmented_delta(
-            x, segments, factors, scales, batch, tokens_per_row, in_features, out_features
-        )
-    if not segments.spans:
-        return out
-    dtype = first_B.dtype
-    convert = x.dtype != dtype
-    if segments.rows is None:  # every adapter's rows are one slice of x and of out: add in place, no copies
-        flat_x = x.reshape(batch * tokens_per_row, in_features)
-        flat_out = out.view(batch * tokens_per_row, out_features)
-        for adapter, start, stop in segments.spans:
-            lora_A, lora_B = factors[adapter]
-            tokens = slice(start * tokens_per_row, stop * tokens_per_row)
-            rows = flat_x[tokens].to(dtype) if convert else flat_x[tokens]
-            hidden = torch.mm(rows, lora_A.t())
-            if out.dtype == dtype:
-                flat_out[tokens].addmm_(hidden, lora_B.t(), alpha=scales[adapter])
-            else:
-                flat_out[tokens].add_(torch.mm(hidden, lora_B.t()).mul_(scales[adapter]))
-        return out
-    # Rows gathered and put back as [B, T·features] rows: index_add_ over a 3-d [B, T, out] view takes a
-    # scatter path that measured ~4x slower than over the same memory seen as 2-d rows.
-    gathered = x.reshape(batch, tokens_per_row * in_features).index_select(0, segments.rows)
-    flat_gathered = gathered.view(-1, in_features)
-    delta = torch.empty(flat_gathered.shape[0], out_features, dtype=dtype)
-    for adapter, start, stop in segments.spans:
+        return _segmented_delta(x_rows, segments, factors, scales, x.shape, out_features, dtype)
+    out_rows = out.view(batch, tokens_per_row * out_features)
+    for adapter, rows in segments.spans:
         lora_A, lora_B = factors[adapter]
-        tokens = slice(start * tokens_per_row, stop * tokens_per_row)
-        rows = flat_gathered[tokens].to(dtype) if convert else flat_gathered[tokens]
-        # beta=0: the buffer's uninitialised contents are ignored, not added
-        torch.addmm(
-            delta[tokens],
-            torch.mm(rows, lora_A.t()),
-            lora_B.t(),
-            beta=0,
-            alpha=scales[adapter],
-            out=delta[tokens],
-        )
-    rows_out = out.view(batch, tokens_per_row * out_features)
-    delta = delta.view(-1, tokens_per_row * out_features)
-    if out.dtype == dtype:
-        rows_out.index_add_(0, segments.rows, delta)
-    else:
-        rows_out.index_copy_(0, segments.rows, rows_out.index_select(0, segments.rows).add_(delta))
+        scale = scales[adapter]
+        if isinstance(rows, slice):
+            tokens = x_rows[rows].view(-1, in_features)
+            hidden = torch.mm(tokens if tokens.dtype == dtype else tokens.to(dtype), lora_A.t())
+            target = out_rows[rows].view(-1, out_features)
+            if out.dtype == dtype:
+                target.addmm_(hidden, lora_B.t(), alpha=scale)
+            else:
+                target.add_(torch.mm(hidden, lora_B.t()), alpha=scale)
+            continue
+        tokens = x_rows.index_select(0, rows).view(-1, in_features)
+        hidden = torch.mm(tokens if tokens.dtype == dtype else tokens.to(dtype), lora_A.t())
+        delta = torch.mm(hidden, lora_B.t()).view(-1, tokens_per_row * out_features)
+        if out.dtype == dtype:
+            out_rows.index_add_(0, rows, delta, alpha=scale)
+        else:  # index_add_ takes one dtype; this rounds the sum once, as the contract says
+            out_rows.index_copy_(0, rows, out_rows.index_select(0, rows).add_(delta, alpha=scale))
     return out
 
 
-def _segmented_delta(x, segments, factors, scales, batch, tokens_per_row, in_features, out_features):
+def _segmented_delta(x_rows, segments, factors, scales, x_shape, out_features, dtype) -> torch.Tensor:
     """``segmented_lora`` without ``out``: out of place, so that autograd sees every op."""
-    if not segments.spans:
-        raise ValueError("segmented_lora: no row runs an adapter; pass out= or skip the call")
-    dtype = factors[segments.spans[0][0]][1].dtype
-    rows = x.reshape(batch, tokens_per_row, in_features)
-    if segments.rows is not None:
-        rows = rows.index_select(0, segments.rows)
-    parts = []
-    for adapter, start, stop in segments.spans:
+    in_features = x_shape[-1]
+    parts, indices = [], []
+    for adapter, rows in segments.spans:
         lora_A, lora_B = factors[adapter]
-        hidden = torch.mm(rows[start:stop].reshape(-1, in_features).to(dtype), lora_A.t())
-        parts.append(torch.mm(hidden * scales[adapter], lora_B.t()))
-    index = segments.rows
-    if index is None:
-        index = torch.cat([torch.arange(start, stop) for _, start, stop in segments.spans])
-    delta = torch.cat(parts).view(-1, tokens_per_row, out_features)
-    zeros = torch.zeros(batch, tokens_per_row, out_features, dtype=dtype)
-    return zeros.index_add(0, index, delta).view(*x.shape[:-1], out_features)
+        if isinstance(rows, slice):
+            tokens, rows = x_rows[rows], torch.arange(rows.start, rows.stop)
+        else:
+            tokens = x_rows.index_select(0, rows)
+        hidden = torch.mm(tokens.reshape(-1, in_features).to(dtype), lora_A.t()) * scales[adapter]
+        parts.append(torch.mm(hidden, lora_B.t()).view(rows.numel(), -1))
+        indices.append(rows)
+    delta = torch.cat(parts)
+    zeros = delta.new_zeros(x_rows.shape[0], delta.shape[1])
+    return zeros.index_add(0, torch.cat(indices), delta).view(*x_shape[:-1], out_features)
