@@ -129,25 +129,26 @@ def segmented_lora(
     if out is None:
         return _segmented_delta(x_rows, segments, factors, scales, x.shape, out_features, dtype)
     out_rows = out.view(batch, tokens_per_row * out_features)
+    x_tokens, out_tokens = x_rows.view(-1, in_features), out.view(-1, out_features)
     for adapter, rows in segments.spans:
         lora_A, lora_B = factors[adapter]
-        scale = scales[adapter]
-        if isinstance(rows, slice):
-            tokens = x_rows[rows].view(-1, in_features)
-            hidden = torch.mm(tokens if tokens.dtype == dtype else tokens.to(dtype), lora_A.t())
-            target = out_rows[rows].view(-1, out_features)
+        if isinstance(rows, slice):  # this adapter's tokens are one slice of x and of out
+            tokens = slice(rows.start * tokens_per_row, rows.stop * tokens_per_row)
+            hidden = torch.mm(
+                x_tokens[tokens] if x.dtype == dtype else x_tokens[tokens].to(dtype), lora_A.t()
+            )
             if out.dtype == dtype:
-                target.addmm_(hidden, lora_B.t(), alpha=scale)
+                out_tokens[tokens].addmm_(hidden, lora_B.t(), alpha=scales[adapter])
             else:
-                target.add_(torch.mm(hidden, lora_B.t()), alpha=scale)
+                out_tokens[tokens].add_(torch.mm(hidden, lora_B.t()), alpha=scales[adapter])
             continue
-        tokens = x_rows.index_select(0, rows).view(-1, in_features)
-        hidden = torch.mm(tokens if tokens.dtype == dtype else tokens.to(dtype), lora_A.t())
+        gathered = x_rows.index_select(0, rows).view(-1, in_features)
+        hidden = torch.mm(gathered if x.dtype == dtype else gathered.to(dtype), lora_A.t())
         delta = torch.mm(hidden, lora_B.t()).view(-1, tokens_per_row * out_features)
         if out.dtype == dtype:
-            out_rows.index_add_(0, rows, delta, alpha=scale)
+            out_rows.index_add_(0, rows, delta, alpha=scales[adapter])
         else:  # index_add_ takes one dtype; this rounds the sum once, as the contract says
-            out_rows.index_copy_(0, rows, out_rows.index_select(0, rows).add_(delta, alpha=scale))
+            out_rows.index_copy_(0, rows, out_rows.index_select(0, rows).add_(delta, alpha=scales[adapter]))
     return out
 
 
