@@ -40,3 +40,8 @@ def test_live_memory_case_loads_100_adapters_untimed():
     for device in ("cpu", "cuda"):
         (case,) = _sweep(device, "quick", "memory")
         assert case.params["adapters"] == 100 and not case.timed
+
+
+def test_mixed_batches_time_the_frozen_base_model_beside_ours_and_peft():
+    for device in ("cpu", "cuda"):
+        assert all(case.impls == ("ours", "peft", "base") for case in _sweep(device, "quick", "mixed_batch"))

@@ -190,22 +190,50 @@ def test_the_cpu_grouping_equals_the_per_row_gather_of_other_devices():
     torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=1e-5)
 
 
-def test_row_groups_pad_each_block_to_the_longest_and_make_at_most_four_groups():
-    from lora_engine.reference.grouped_lora import row_groups
+def test_row_segments_give_an_adapter_with_rows_apart_their_indices_and_the_others_slices():
+    from lora_engine.reference.grouped_lora import row_segments
 
-    row_adapter = torch.tensor([5, 0, 5, -1, 1, 2, 3, 4, 5, 6])
-    groups = row_groups(row_adapter, 7)
-    assert len(groups) == 4
-    assert [used for used, _, _ in groups] == [[0, 1], [2, 3], [4, 5], [6]]
-    assert groups[2][1].tolist() == [7, 7, 7, 0, 2, 8] and groups[2][2] == [1, 3]
-    assert all(index.dtype == torch.long for _, index, _ in groups)
+    segments = row_segments(torch.tensor([5, 0, 5, -1, 1, 1, 3, 5]), 7)
+    assert segments.adapters == [0, 1, 3, 5]
+    assert segments.spans[:3] == ((0, slice(1, 2)), (1, slice(4, 6)), (3, slice(6, 7)))
+    assert segments.spans[3][1].tolist() == [0, 2, 7] and segments.spans[3][1].dtype == torch.long
 
 
-def test_row_groups_refuse_a_row_past_the_stacked_adapters():
-    from lora_engine.reference.grouped_lora import row_groups
+def test_row_segments_refuse_a_row_past_the_stacked_adapters():
+    from lora_engine.reference.grouped_lora import row_segments
 
     with pytest.raises(IndexError, match="row 1 runs adapter 3; only 3 are stacked"):
-        row_groups(torch.tensor([0, 3]), 3)
+        row_segments(torch.tensor([0, 3]), 3)
+
+
+@pytest.mark.parametrize(
+    "row_adapter",
+    [(1, 1, 0, -1, 2, 2), (0, 1, 2), (2, 2, 2, 2), (-1, -1)],
+    ids=["slices", "one-row-each", "one", "base"],
+)
+@pytest.mark.parametrize("in_place", [True, False], ids=["out", "delta"])
+def test_grouped_lora_on_row_slices_equals_per_row_loop(row_adapter, in_place):
+    x = inputs((len(row_adapter), 3, IN_FEATURES))
+    routing = torch.tensor(row_adapter)
+    lora_A, lora_B, scaling = stacked_adapters()
+    base = torch.randn(len(row_adapter), 3, OUT_FEATURES, generator=torch.Generator().manual_seed(4))
+    want = base + per_row_loop(x, routing, lora_A, lora_B, scaling, ranks=RANKS)
+    if in_place:
+        got = grouped_lora(x, routing, lora_A, lora_B, scaling, out=base.clone())
+    else:
+        got = base + grouped_lora(x, routing, lora_A, lora_B, scaling)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_adding_fp32_adapters_into_a_bf16_out_rounds_the_sum_once():
+    x = inputs((len(ROW_ADAPTER), 3, IN_FEATURES))
+    lora_A, lora_B, scaling = stacked_adapters()
+    base = torch.randn(len(ROW_ADAPTER), 3, OUT_FEATURES, generator=torch.Generator().manual_seed(4))
+    base = base.to(torch.bfloat16)
+    delta = grouped_lora(x, row_adapter_tensor(), lora_A, lora_B, scaling)
+    out = grouped_lora(x, row_adapter_tensor(), lora_A, lora_B, scaling, out=base.clone())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, (base + delta).to(torch.bfloat16), atol=0, rtol=0)
 
 
 def test_adding_into_out_on_the_cpu_equals_out_plus_delta_with_precomputed_segments():

@@ -148,6 +148,47 @@ def test_mixed_batch_logits_equal_peft(request, model_kind):
     )
 
 
+# Row layouts the CPU path tells apart: each adapter's rows together (slices of the batch, added in place), one
+# row per adapter, every row on one adapter; ROUTES has an adapter's rows apart (gathered, then put back).
+LAYOUTS = {
+    "together": ["math", "math", "__base__", "code", "code"],
+    "one-row-each": ["code", "math"],
+    "one-adapter": ["code"] * 4,
+    "apart": ROUTES,
+}
+
+
+@pytest.mark.parametrize("routes", LAYOUTS.values(), ids=LAYOUTS)
+def test_mixed_batch_rows_equal_single_adapter_runs_in_every_row_layout(llama_factory, routes):
+    ours = build_pair(llama_factory, "llama")[1]
+    input_ids = batch_input_ids(len(routes))
+    expected = rows_of_single_adapter_runs(ours, routes, lambda: logits(ours, input_ids))
+    torch.testing.assert_close(logits(ours, input_ids, adapter_names=routes), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("routes", LAYOUTS.values(), ids=LAYOUTS)
+def test_mixed_batch_logits_equal_peft_in_every_row_layout(llama_factory, routes):
+    theirs, ours = build_pair(llama_factory, "llama", modules_to_save=False)
+    input_ids = batch_input_ids(len(routes))
+    torch.testing.assert_close(
+        logits(ours, input_ids, adapter_names=routes),
+        logits(theirs, input_ids, adapter_names=routes),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("routes", [LAYOUTS["together"], LAYOUTS["apart"]], ids=["together", "apart"])
+def test_mixed_batch_of_a_bf16_model_with_fp32_adapters_equals_single_adapter_runs(llama_factory, routes):
+    ours = build_pair(lambda: llama_factory().to(torch.bfloat16), "llama")[1]
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.lora_A["math"].weight.dtype == torch.float32
+    input_ids = batch_input_ids(len(routes))
+    expected = rows_of_single_adapter_runs(ours, routes, lambda: logits(ours, input_ids))
+    actual = logits(ours, input_ids, adapter_names=routes)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_mixed_batch_through_a_saved_module_equals_peft_where_peft_supports_it(llama_factory):
     # peft routes through its modules_to_save wrapper only when every routed adapter has a copy there.
     theirs, ours = build_pair(llama_factory, "llama")
@@ -225,6 +266,22 @@ def test_mixed_generate_equals_single_adapter_generation_row_by_row(request, mod
     kwargs = generation_kwargs(num_beams)
     expected = rows_of_single_adapter_runs(ours, ROUTES, lambda: ours.generate(**kwargs))
     assert torch.equal(ours.generate(**kwargs, adapter_names=ROUTES), expected)
+
+
+@pytest.mark.parametrize(
+    "routes", [LAYOUTS["together"], LAYOUTS["one-adapter"][:3]], ids=["together", "one-adapter"]
+)
+def test_mixed_generate_equals_single_adapter_generation_when_each_adapters_rows_are_together(
+    llama_factory, routes
+):
+    ours = build_pair(llama_factory, "llama")[1]
+    kwargs = generation_kwargs(1)
+    kwargs["input_ids"], kwargs["attention_mask"] = (
+        kwargs["input_ids"][: len(routes)],
+        kwargs["attention_mask"][: len(routes)],
+    )
+    expected = rows_of_single_adapter_runs(ours, routes, lambda: ours.generate(**kwargs))
+    assert torch.equal(ours.generate(**kwargs, adapter_names=routes), expected)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beams-3"])

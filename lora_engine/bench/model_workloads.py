@@ -105,17 +105,21 @@ def mixed_batch(
     dtype: torch.dtype,
 ) -> Runner:
     """An inference forward over ``[batch, seq]`` tokens where row ``b`` runs adapter ``a{b % adapters}``
-    (``adapter_names=``), with ``adapters`` adapters loaded."""
-    model = _lora_llama(impl, device, spec, dtype, r, adapters=adapters)
+    (``adapter_names=``), with ``adapters`` adapters loaded; for ``impl == "base"`` the same forward of the frozen
+    Llama alone (the bound: no implementation's mixed batch can be faster)."""
+    if impl == "base":
+        model, routing = llama(spec, dtype, device), {}
+    else:
+        model = _lora_llama(impl, device, spec, dtype, r, adapters=adapters)
+        routing = {"adapter_names": [f"a{row % adapters}" for row in range(batch)]}
     model.eval()
-    names = [f"a{row % adapters}" for row in range(batch)]
     batches = token_batches(BATCHES, batch, seq, spec.vocab, device)
     turn = itertools.count()
 
     @torch.no_grad()
     def forward():
         input_ids = batches[next(turn) % BATCHES]
-        return model(input_ids=input_ids, adapter_names=names, use_cache=False).logits
+        return model(input_ids=input_ids, use_cache=False, **routing).logits
 
     return Runner(run=forward)
 

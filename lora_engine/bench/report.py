@@ -60,9 +60,10 @@ def _notes(result: CaseResult, checks: list[Check], context: dict) -> str:
     if result.parity is not None and not result.parity["ok"]:
         notes.append(f"OUTPUTS DIFFER (rel {result.parity['max_rel_diff']:.1e})")
     if "base" in result.time:
-        notes.append(
-            f"base {format_seconds(result.time['base'].median)}, ours/base {result.ratio('time', other='base'):.2f}"
-        )
+        note = f"base {format_seconds(result.time['base'].median)}, ours/base {result.ratio('time', other='base'):.2f}"
+        if "peft" in result.time:  # peft/base bounds the speed-up over peft that any LoRA could reach
+            note += f", peft/base {result.ratio('time', impl='peft', other='base'):.2f}"
+        notes.append(note)
     bandwidth = context.get("copy_bandwidth_bytes_per_s")
     if result.bytes_moved and "ours" in result.time:
         achieved = result.bytes_moved / result.time["ours"].median

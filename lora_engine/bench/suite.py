@@ -297,6 +297,7 @@ def _mixed_batch(shapes: Shapes) -> list[Case]:
                 shape=f"{shapes.llama.describe()} {rows}x{seq} {adapters} adapters",
                 dtype=_dtype_name(replace(shapes, adapter_autocast=True)),
                 sweep=("adapters", adapters),
+                impls=(*IMPLS, "base"),
             )
         )
     return found

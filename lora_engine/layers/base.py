@@ -295,7 +295,8 @@ class LoraLayer(nn.Module):
     def stacked_factors(
         self, routing: AdapterRouting, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The routed adapters this layer holds, stacked for ``grouped_lora``, or None if it holds none.
+        """The routed adapters this layer holds, stacked for ``grouped_lora``, or None if it holds none. (Mixed
+        batches of linear layers on the CPU read the factors unstacked: ``LoraLinear._mixed_batch_forward``.)
 
         Returns ``(row_adapter [B], lora_A [n, r_max, in], lora_B [n, out, r_max], scaling [n])``; factors of
         smaller ranks are zero-padded, which leaves ``B A`` unchanged. Built afresh for each forward and

@@ -17,8 +17,9 @@ from lora_engine.layers import inits
 from lora_engine.layers.base import LoraLayer
 from lora_engine.layers.corda_init import corda_factors
 from lora_engine.layers.loftq import loftq_factors
-from lora_engine.ops.grouped_lora import grouped_lora
+from lora_engine.ops.grouped_lora import grouped_lora, runs_segmented
 from lora_engine.ops.lora_linear import lora_linear
+from lora_engine.reference.grouped_lora import segmented_lora
 
 
 class LoraLinear(LoraLayer):
@@ -151,11 +152,23 @@ class LoraLinear(LoraLayer):
                 f"Cannot pass `adapter_names` for adapters with lora_bias=True ({with_bias}): lora_engine does not "
                 "support lora_bias in mixed-adapter batches of linear layers yet"
             )
-        stacked = self.stacked_factors(self.routing, x.device)
-        if stacked is None:
+        held = self.routing.held_by(self.r)
+        if not held:
             return result
         self.routing.check_batch(x.shape[0], type(self.base_layer).__name__)
-        if torch.is_grad_enabled() or not result.is_contiguous():
+        in_place = not torch.is_grad_enabled() and result.is_contiguous()
+        if runs_segmented(x.device):
+            # The factors as stored, one span of rows per adapter: nothing stacked or padded per forward.
+            segments = self.routing.row_segments_for(held)
+            if not segments.spans:
+                return result
+            factors = {index: self.lora_factors(held[index]) for index in segments.adapters}
+            scales = [self.scaling[name] for name in held]
+            if in_place:
+                return segmented_lora(x, segments, factors, scales, out=result)
+            return (result + segmented_lora(x, segments, factors, scales)).to(result.dtype)
+        stacked = self.stacked_factors(self.routing, x.device)
+        if not in_place:
             return (result + grouped_lora(x, *stacked)).to(result.dtype)
         # Inference (generate: every decode step): add into the fresh base output in place, the tokens grouped by
         # adapter once per forward; the kernels do no work for base-only rows.

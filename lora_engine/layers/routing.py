@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lora_engine.ops.grouped_lora import segment_rows
+from lora_engine.reference.grouped_lora import RowSegments, row_segments
 
 BASE_ONLY = "__base__"
 
@@ -19,11 +20,33 @@ class AdapterRouting:
     def __init__(self, adapter_names: list[str]) -> None:
         self.names: list[str] = list(dict.fromkeys(name for name in adapter_names if name != BASE_ONLY))
         position = {name: index for index, name in enumerate(self.names)}
-        self.row_adapter = torch.tensor([position.get(name, -1) for name in adapter_names], dtype=torch.long)
+        self._row_positions = [position.get(name, -1) for name in adapter_names]
+        self.row_adapter = torch.tensor(self._row_positions, dtype=torch.long)
         self.batch_size = len(adapter_names)
         # Per forward, shared by the layers that hold the same adapters: their rows, and those grouped by adapter.
         self._rows: dict[tuple, torch.Tensor] = {}
         self._segments: dict[tuple, object] = {}
+        self._held: dict[tuple, list[str]] = {}
+        self._row_segments: dict[tuple, RowSegments] = {}
+
+    def held_by(self, adapters: dict) -> list[str]:
+        """The routed adapters that are keys of ``adapters`` (a layer's ``r``), in ``self.names`` order; computed
+        once per forward for each set of keys."""
+        key = tuple(adapters)
+        if key not in self._held:
+            self._held[key] = [name for name in self.names if name in adapters]
+        return self._held[key]
+
+    def row_segments_for(self, held: list[str]) -> RowSegments:
+        """The batch rows segmented by adapter for ``reference.grouped_lora.segmented_lora`` (host only, CPU
+        tensors), the adapters numbered by their position in ``held``; rows running an adapter not in ``held``
+        are in no span. Once per forward for each ``held``."""
+        key = tuple(held)
+        if key not in self._row_segments:
+            to_held = [held.index(name) if name in held else -1 for name in self.names]
+            routing = [to_held[position] if position >= 0 else -1 for position in self._row_positions]
+            self._row_segments[key] = row_segments(routing, len(held))
+        return self._row_segments[key]
 
     def rows_for(self, held: list[str], device: torch.device) -> torch.Tensor:
         """``[B]`` indices into ``held`` (the routed adapters one layer holds, in ``self.names`` order), -1 where

@@ -17,12 +17,13 @@ Contract::
 - ``segments`` (optional): ``segment_rows(row_adapter, tokens_per_row, n)``, the tokens grouped by adapter
   for the backend that runs them, when the caller computed it once for many layers; else computed here.
 
-A fixed number of ops per call, whatever the number of adapters: no loop over adapters, no boolean masks. On
-the CPU (``reference.grouped_lora``) the rows are grouped by adapter on the host and added into the output in at
-most four groups; on other devices without Triton each row's factors are gathered. On
-CUDA (or ``LORA_ENGINE_BACKEND=triton``) two Triton launches (``kernels/grouped_lora.py``: shrink into
-``[T, r_max]``, expand into the output), deterministic, with no host sync; base-only tokens do no work. Gradients
-(to ``x``, the factors and nothing else) flow through the Triton path by recomputing the reference in backward.
+No boolean masks. On the CPU (``reference.grouped_lora``) the rows are segmented by adapter on the host, one span
+of rows per adapter present, two matmuls each, on slices of the batch or of one gathered copy of its rows (mixed
+batches on the CPU call ``reference.grouped_lora.segmented_lora`` directly, on the factors as stored; see
+``runs_segmented``); on other devices without Triton each row's factors are gathered. On CUDA (or
+``LORA_ENGINE_BACKEND=triton``) two Triton launches (``kernels/grouped_lora.py``: shrink into ``[T, r_max]``,
+expand into the output), deterministic, with no host sync; base-only tokens do no work. Gradients (to ``x``, the
+factors and nothing else) flow through the Triton path by recomputing the reference in backward.
 
 Raises ``ValueError`` naming the operand when a shape does not fit the above or the operands are on different
 devices, ``TypeError`` when ``row_adapter`` is not an integer tensor or the adapters' dtypes differ. The values of
@@ -41,7 +42,7 @@ import torch
 from lora_engine import backend
 from lora_engine.ops._checks import check_dims, check_same_device
 from lora_engine.reference.grouped_lora import grouped_lora as reference_grouped_lora
-from lora_engine.reference.grouped_lora import row_groups
+from lora_engine.reference.grouped_lora import row_segments
 
 OP = "grouped_lora"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -93,15 +94,22 @@ def check_out(out: torch.Tensor, x: torch.Tensor, lora_B: torch.Tensor) -> None:
 def segment_rows(row_adapter: torch.Tensor, tokens_per_row: int, adapters: int):
     """The tokens of a ``[B]`` routing grouped by adapter, as the backend that will run them wants it: the
     kernels' segments (``kernels/grouped_lora.py``: torch ops on the device, no host sync), the reference's
-    ``row_groups`` on the CPU, None elsewhere (the reference needs none there). Compute it once per forward and
+    ``row_segments`` on the CPU, None elsewhere (the reference needs none there). Compute it once per forward and
     pass it as ``segments``."""
     if backend.uses_triton(OP, row_adapter.device):
         from lora_engine.kernels.grouped_lora import adapter_segments
 
         return adapter_segments(row_adapter, tokens_per_row, adapters)
     if row_adapter.device.type == "cpu":
-        return row_groups(row_adapter, adapters)
+        return row_segments(row_adapter, adapters)
     return None
+
+
+def runs_segmented(device: torch.device) -> bool:
+    """Whether a mixed batch on ``device`` runs the reference's CPU segments (``reference.grouped_lora.
+    segmented_lora``, which reads each adapter's factors where they are stored) rather than this op on stacked
+    factors. Raises what ``backend.uses_triton`` raises."""
+    return device.type == "cpu" and not backend.uses_triton(OP, device)
 
 
 def _triton_add_(x, row_adapter, lora_A, lora_B, scaling, out, segments):
@@ -163,10 +171,10 @@ def grouped_lora(
         if out is not None:
             return _triton_add_(x, row_adapter, lora_A, lora_B, scaling, out, segments)
         return _GroupedLora.apply(x, row_adapter, lora_A, lora_B, scaling, segments)
-    groups = segments if x.device.type == "cpu" else None
-    if out is not None and out.device.type == "cpu" and out.dtype == lora_A.dtype:
-        return reference_grouped_lora(x, row_adapter, lora_A, lora_B, scaling, out=out, groups=groups)
-    delta = reference_grouped_lora(x, row_adapter, lora_A, lora_B, scaling, groups=groups)
+    segments = segments if x.device.type == "cpu" else None
+    if out is not None and out.device.type == "cpu":
+        return reference_grouped_lora(x, row_adapter, lora_A, lora_B, scaling, out=out, segments=segments)
+    delta = reference_grouped_lora(x, row_adapter, lora_A, lora_B, scaling, segments=segments)
     if out is None:
         return delta
     return out.copy_(out + delta)
