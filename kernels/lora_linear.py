@@ -135,8 +135,9 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fa
 
 
 def backward(
-    grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, fan_in_fan_out, needs, strategy_name=None
-):
+    grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, fan_in_fan_out, needs,
+    strategy_name=None,
+):  # fmt: skip
     """``(dx, dA, dB)`` for ``dy = grad_out [..., out]``, each None unless ``needs`` (three bools) asks for it.
 
     ``dx`` (x's dtype) includes the base term ``dy W``; ``dA``/``dB`` are in the adapters' dtype. The weight and

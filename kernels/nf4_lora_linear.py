@@ -363,7 +363,9 @@ def backward(grad_out, x, weight4, lora_A, lora_B, xa, keep_bits, scaling, dropo
     otherwise."""
     weight = decoded_weight(weight4, x.dtype) if needs[0] else None
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    forward_choice = strategy.current(_strategy_key(n_rows, x, weight4, lora_A), n_rows, x.device, strategy.NF4)
+    forward_choice = strategy.current(
+        _strategy_key(n_rows, x, weight4, lora_A), n_rows, x.device, strategy.NF4
+    )
     dx_strategy = "fused" if forward_choice == "fused" else "cublas"
     return dense.backward(
         grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, False, needs, dx_strategy

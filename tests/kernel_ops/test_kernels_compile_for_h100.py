@@ -118,4 +118,8 @@ def test_the_4bit_gemm_keeps_its_largest_tiles_for_bf16_layers_of_whole_blocks(c
         for record in compiled
         if record["case"] == "gemm_4bit: 4096 → 11008, nf4 double quant, bf16 x, fp32 adapters"
     ]
-    assert {(config["BLOCK_M"], config["BLOCK_N"]) for config in up} >= {(128, 256), (256, 128), (128, 128)}, up
+    assert {(config["BLOCK_M"], config["BLOCK_N"]) for config in up} >= {
+        (128, 256),
+        (256, 128),
+        (128, 128),
+    }, up
