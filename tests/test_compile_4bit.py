@@ -27,18 +27,18 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _lora_4bit_model(double_quant: bool):
+def _lora_4bit_model(double_quant: bool, in_features=IN_FEATURES, out_features=OUT_FEATURES):
     """A real ``Linear4bit`` (NF4, fp32 compute, bias) quantized on the CPU, wrapped with a LoRA adapter whose B
     is not zero, in training mode (dropout 0.1)."""
     torch.manual_seed(0)
     base = bnb.nn.Linear4bit(
-        IN_FEATURES,
-        OUT_FEATURES,
+        in_features,
+        out_features,
         compute_dtype=torch.float32,
         compress_statistics=double_quant,
         quant_type="nf4",
     )
-    base.weight.data = torch.randn(OUT_FEATURES, IN_FEATURES) * IN_FEATURES**-0.5
+    base.weight.data = torch.randn(out_features, in_features) * in_features**-0.5
     config = lora_engine.LoraConfig(r=RANK, lora_alpha=8, lora_dropout=0.1, target_modules=["0"])
     model = lora_engine.get_peft_model(torch.nn.Sequential(base.to("cpu")), config)  # .to quantizes
     for name, parameter in model.named_parameters():
@@ -86,6 +86,23 @@ def test_the_compiled_layer_holds_the_op_as_one_node_and_traces_nothing_of_bitsa
     targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
     assert targets.count("lora_engine.nf4_lora_linear_forward.default") == 1, targets
     assert not any("bitsandbytes" in target or "matmul_4bit" in target for target in targets), targets
+
+
+@pytest.mark.skipif(
+    not bnb_F.has_avx512bf16(), reason="bnb repacks 4-bit weights for CPU inference only with AVX512-BF16"
+)
+def test_a_compiled_layer_on_a_weight_bnb_repacked_for_the_cpu_keeps_bnb_matmul_and_eager_output(monkeypatch):
+    # bnb's first no-grad eval forward repacks the weight in place; its portable copy cannot be made inside a
+    # graph, so the compiled layer reads it through bitsandbytes' matmul, as in eager.
+    monkeypatch.setenv("LORA_ENGINE_BACKEND", "reference")
+    # bnb's CPU layout needs whole blocks per row: 64 → 32.
+    model = _lora_4bit_model(double_quant=True, in_features=64, out_features=32).eval()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        eager = model(x)
+        assert model.base_model.model[0].base_layer.weight.quant_state.packing_format_for_cpu
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 
 
 def _op_operands(double_quant, dropout_p, bias):
