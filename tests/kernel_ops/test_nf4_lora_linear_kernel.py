@@ -324,3 +324,18 @@ def test_the_dense_setting_does_not_force_the_4bit_choice(kernels, monkeypatch):
     assert strategy.choose("key", strategy.SMALL_ROWS + 1, cpu, None, strategy.NF4) == "fused"
     monkeypatch.setenv("LORA_ENGINE_NF4_GEMM", " Dequant")
     assert strategy.choose("key", strategy.SMALL_ROWS + 1, cpu, None, strategy.NF4) == "dequant"
+
+
+def test_the_custom_op_on_the_kernels_passes_opcheck():
+    # The fake implementation must describe what the kernels return: xa flattened to [M, r], the packed mask.
+    from lora_engine.ops import nf4_lora_linear as op
+
+    packed, quant_state = _weight4()
+    x, bias, lora_A, lora_B = _operands((2, 3), torch.float32)  # leading dims the kernels' xa flattens
+    scaling = torch.tensor(1.5, dtype=torch.float64)
+    forward_args = (
+        "triton", x, packed, *op._state_arguments(quant_state), bias, lora_A, lora_B, scaling, 0.1,
+        op.draw_seed(x.device),
+    )  # fmt: skip
+    results = torch.library.opcheck(op._forward_op, forward_args)
+    assert all(result == "SUCCESS" for result in results.values()), results
