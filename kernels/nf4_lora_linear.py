@@ -68,7 +68,7 @@ from .nf4_decode import (
 from .nf4_dequantize import nf4_dequantize
 from .nf4_gemm import nf4_gemm
 
-__all__ = ["GEMV_MAX_ROWS", "backward", "forward"]
+__all__ = ["GEMV_MAX_ROWS", "backward", "forward", "strategy_for"]
 
 GEMV_MAX_ROWS = 64
 
@@ -312,16 +312,25 @@ def decoded_weight(weight4, dtype: torch.dtype) -> torch.Tensor:
     return nf4_dequantize(weight4.packed, quant_state, weight4.code, out=buffer[:numel].view(shape))
 
 
-def _strategy_key(n_rows, x, weight4, lora_A):
+def _strategy_key(n_rows, x, quant_state, lora_A):
     """What ``strategy.choose`` caches the 4-bit forward's timing under (the backward reads it back). As for the
     dense op, the bias is not part of it: one more vector in the epilogue does not change which GEMM wins."""
-    quant_state = weight4.quant_state
     out_features, in_features = tuple(quant_state.shape)
     return (
         "nf4", row_class(n_rows), in_features, out_features, lora_A.shape[0], x.dtype, lora_A.dtype,
         quant_state.quant_type, quant_state.blocksize, quant_state.nested, quant_state.dtype,
         x.device,
     )  # fmt: skip
+
+
+def strategy_for(n_rows: int, x: torch.Tensor, quant_state, lora_A: torch.Tensor) -> str | None:
+    """Read-only: what a forward with ``n_rows`` rows of ``x``'s dtype and device runs: ``"gemv"`` for 1 to
+    ``GEMV_MAX_ROWS`` rows, else ``strategy.NF4``'s choice (``strategy.current``; None: ``auto`` has not timed it
+    yet). Reads only ``quant_state``'s ``shape``, ``quant_type``, ``blocksize``, ``nested`` and ``dtype`` and the
+    tensors' shapes, dtypes and devices, so empty ``[0, in]`` and ``[r, in]`` tensors will do."""
+    if 0 < n_rows <= GEMV_MAX_ROWS:
+        return "gemv"
+    return strategy.current(_strategy_key(n_rows, x, quant_state, lora_A), n_rows, x.device, strategy.NF4)
 
 
 def _large_rows(strategy_name, x_rows, weight4, bias, xa, lora_B, scaling) -> torch.Tensor:
@@ -351,7 +360,7 @@ def forward(x, weight4, bias, lora_A, lora_B, scaling, dropout_p, seed):
                 name: lambda name=name: _large_rows(name, x_rows, weight4, bias, xa, lora_B, scaling)
                 for name in strategy.NF4.strategies
             }
-            key = _strategy_key(n_rows, x, weight4, lora_A)
+            key = _strategy_key(n_rows, x, weight4.quant_state, lora_A)
             chosen = strategy.choose(key, n_rows, x.device, candidates, strategy.NF4)
             out = _large_rows(chosen, x_rows, weight4, bias, xa, lora_B, scaling)
     return out.reshape(*x.shape[:-1], out.shape[-1]), xa, keep_bits
@@ -364,7 +373,7 @@ def backward(grad_out, x, weight4, lora_A, lora_B, xa, keep_bits, scaling, dropo
     weight = decoded_weight(weight4, x.dtype) if needs[0] else None
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     forward_choice = strategy.current(
-        _strategy_key(n_rows, x, weight4, lora_A), n_rows, x.device, strategy.NF4
+        _strategy_key(n_rows, x, weight4.quant_state, lora_A), n_rows, x.device, strategy.NF4
     )
     dx_strategy = "fused" if forward_choice == "fused" else "cublas"
     return dense.backward(
