@@ -36,8 +36,8 @@ and what ``ops.nf4_dequantize`` raises for a bad ``packed``/``quant_state``; ``T
 its dtype when a dtype is not one the backend computes in or two that must match do not.
 
 Dispatch: ``backend.uses_triton`` (CUDA by default, or ``LORA_ENGINE_BACKEND=triton``) → ``kernels.nf4_lora_linear``
-(a fused dequantize-in-GEMV for ≤ 64 rows, decode into a buffer + the dense kernels above); otherwise
-``reference.nf4_lora_linear``.
+(a fused dequantize-in-GEMV for ≤ 64 rows; above, a dequantize-in-GEMM or a decode into a buffer + the dense
+kernels, chosen by ``kernels.strategy.NF4``); otherwise ``reference.nf4_lora_linear``.
 """
 
 from __future__ import annotations
