@@ -14,8 +14,8 @@ dot are bit for bit those the buffer path decodes (``bitsandbytes``' ``dequantiz
 order of the fp32 sums differs from a dense GEMM on them.
 
 Where it pays is a GPU question (``strategy``: timed at first use against the two buffer paths); it saves the
-decode's write and re-read of a dense W (``3 · out · in`` bytes at 16 bits) at the price of decoding each weight
-``M / BLOCK_M`` times. GPU performance is unmeasured. M/N/K as in Triton's matmul tutorial: M rows, N = out, K = in.
+decode's launch and its 16-bit W, written and read back (``4 · out · in`` bytes), at the price of decoding each
+weight ``M / BLOCK_M`` times. GPU performance is unmeasured. M/N/K as in Triton's matmul tutorial: M rows, N = out, K = in.
 """
 
 from __future__ import annotations
