@@ -34,7 +34,7 @@ fi
 PY="${PYTHON:-python3}"
 OUT="$ROOT/benchmarks/results/gpu-$(date -u +%Y-%m-%d-%H%M)"
 mkdir -p "$OUT"
-unset TRITON_INTERPRET LORA_ENGINE_BACKEND LORA_ENGINE_LORA_GEMM
+unset TRITON_INTERPRET LORA_ENGINE_BACKEND LORA_ENGINE_LORA_GEMM LORA_ENGINE_NF4_GEMM
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$OUT/.triton_cache}"
 START=$(date +%s)
 say() { echo "=== [$(( $(date +%s) - START ))s] $*"; }

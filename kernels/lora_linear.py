@@ -64,7 +64,7 @@ from .fused_linear import fused_linear
 from .grad_out_pass import grad_out_pass
 from .low_rank import outer, project
 
-__all__ = ["backward", "forward", "strategy_for"]
+__all__ = ["backward", "base_and_expand", "forward", "strategy_for"]
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ def strategy_for(n_rows: int, x: torch.Tensor, lora_A: torch.Tensor, lora_B: tor
     return strategy.current(_strategy_key(n_rows, x, lora_A, lora_B), n_rows, x.device)
 
 
-def _base_and_expand(strategy_name, x_rows, base_weight, bias, xa, lora_B, scaling):
+def base_and_expand(strategy_name, x_rows, base_weight, bias, xa, lora_B, scaling):
     """``x Wᵀ + b + s · xa Bᵀ`` → ``[M, out]`` in x's dtype: one fused GEMM, or torch's GEMM (cuBLAS on CUDA)
     followed by our rank-r epilogue adding into its output."""
     if strategy_name == "fused":
@@ -124,21 +124,26 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fa
             base_weight = weight.T if fan_in_fan_out else weight  # [out, in], a view
             candidates = {
                 name: (
-                    lambda name=name: _base_and_expand(name, x_rows, base_weight, bias, xa, lora_B, scaling)
+                    lambda name=name: base_and_expand(name, x_rows, base_weight, bias, xa, lora_B, scaling)
                 )
                 for name in ("fused", "cublas")
             }
             key = _strategy_key(x_rows.shape[0], x, lora_A, lora_B)
             chosen = strategy.choose(key, x_rows.shape[0], x.device, candidates)
-            out = _base_and_expand(chosen, x_rows, base_weight, bias, xa, lora_B, scaling)
+            out = base_and_expand(chosen, x_rows, base_weight, bias, xa, lora_B, scaling)
     return out.reshape(*x.shape[:-1], out.shape[-1]), xa, keep_bits
 
 
-def backward(grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, fan_in_fan_out, needs):
+def backward(
+    grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, fan_in_fan_out, needs,
+    strategy_name=None,
+):  # fmt: skip
     """``(dx, dA, dB)`` for ``dy = grad_out [..., out]``, each None unless ``needs`` (three bools) asks for it.
 
     ``dx`` (x's dtype) includes the base term ``dy W``; ``dA``/``dB`` are in the adapters' dtype. The weight and
-    bias gradients are ``ops.lora_linear``'s, computed the same way for every backend.
+    bias gradients are ``ops.lora_linear``'s, computed the same way for every backend. ``strategy_name``
+    (``"fused"`` or ``"cublas"``) runs dx's GEMM that way instead of the dense op's choice for this key (the 4-bit
+    op passes the one its own forward chose).
     """
     need_x, need_A, need_B = needs
     with on_device(grad_out):
@@ -156,7 +161,7 @@ def backward(grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropou
             if weight is not None:
                 base_weight = weight.T if fan_in_fan_out else weight  # [out, in]
                 key = _strategy_key(x_rows.shape[0], x, lora_A, lora_B)
-                chosen = strategy.choose(key, x_rows.shape[0], x.device, None)
+                chosen = strategy_name or strategy.choose(key, x_rows.shape[0], x.device, None)
             if chosen == "cublas":  # dx = dy W by torch, then mask ⊙ (dxa A)/(1-p) added in one pass
                 grad_x = grad_rows.to(base_weight.dtype) @ base_weight
                 grad_x = fused_linear(

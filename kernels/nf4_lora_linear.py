@@ -20,12 +20,18 @@ The Triton backend's math for ``ops.nf4_lora_linear``: ``forward`` and ``backwar
   here. Where rows also hold whole blocks and a tile row stays inside one block, each absmax (nested decode
   included) is decoded once per tile row, not per element. An odd ``in``
   decodes element by element (``nf4_decode.decode_4bit``).
-- **Large row counts**: the weight is decoded into a per-(device, dtype) scratch buffer
-  (``nf4_dequantize(out=...)``, one launch, bit-exact), then the dense op's math (``kernels.lora_linear.forward``,
-  with its fused/cublas strategy choice) runs on it. The buffer is overwritten by the next call on that device and
-  dtype, so it holds one layer's weight at a time (the largest seen so far), never one per layer.
-- **Backward** (both paths): when dx is needed, the weight is decoded into the buffer again and the dense
-  backward (``kernels.lora_linear.backward``) runs on it with the saved ``xa`` and mask.
+- **Large row counts**: ``low_rank.project`` as above, then one of three strategies (``strategy.NF4``: timed at
+  first use per key on CUDA, ``fused`` off CUDA, forced by ``LORA_ENGINE_NF4_GEMM``): ``dequant``, the
+  dequantize-inside-the-GEMM kernel (``nf4_gemm``: each output tile decodes the packed weight tiles of its K loop in
+  registers, with ``s · xa Bᵀ`` and the bias in the same accumulator); or the weight decoded into a per-(device,
+  dtype) scratch buffer (``nf4_dequantize(out=...)``, one launch, bit-exact) and the dense op's ``fused`` or
+  ``cublas`` math on it (``kernels.lora_linear.base_and_expand``). The buffer is overwritten by the next call on
+  that device and dtype, so it holds one layer's weight at a time (the largest seen so far), never one per layer.
+- **Backward** (every path): when dx is needed, the weight is decoded into the buffer again and the dense
+  backward (``kernels.lora_linear.backward``) runs on it with the saved ``xa`` and mask: ``fused`` after a
+  ``fused`` forward, ``cublas`` otherwise. There is no dequantize-in-GEMM for dx: ``dx = dy W`` contracts over
+  W's rows (out), so a tile would walk the packed weight down its columns, a different kernel than the forward's;
+  after a ``dequant`` forward dx takes the buffer and cuBLAS.
 
 How this compares with the known designs (read, not copied): bitsandbytes' ``gemv_4bit``
 (``kgemm_4bit_inference_naive``) gives each warp one output row, each thread 32 nibbles (one 16-byte load) per
@@ -37,7 +43,7 @@ absmax buffer), up to 64 rows share one pass over the weight, and the LoRA expan
 Rounding: each decoded weight is rounded to the state's dtype and then to x's dtype (as bitsandbytes'
 ``dequantize_4bit(...).to(x.dtype)``), so the GEMV multiplies the same weight values as the large-row path; the
 GEMV launch leaves FMA contraction on (the nested absmax may then differ from bnb's by an ulp; the ``out=`` decode
-of the large-row path stays bit-exact). Sums are fp32. GPU performance is unmeasured.
+and ``nf4_gemm`` of the large-row path stay bit-exact). Sums are fp32. GPU performance is unmeasured.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ import triton
 import triton.language as tl
 
 from . import lora_linear as dense
-from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, on_device, rank_block
+from . import strategy
+from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, on_device, rank_block, row_class
 from .low_rank import project
 from .nf4_decode import (
     TRITON_DTYPES,
@@ -59,8 +66,9 @@ from .nf4_decode import (
     pair_table,
 )
 from .nf4_dequantize import nf4_dequantize
+from .nf4_gemm import nf4_gemm
 
-__all__ = ["GEMV_MAX_ROWS", "backward", "forward"]
+__all__ = ["GEMV_MAX_ROWS", "backward", "forward", "strategy_for"]
 
 GEMV_MAX_ROWS = 64
 
@@ -304,26 +312,70 @@ def decoded_weight(weight4, dtype: torch.dtype) -> torch.Tensor:
     return nf4_dequantize(weight4.packed, quant_state, weight4.code, out=buffer[:numel].view(shape))
 
 
+def _strategy_key(n_rows, x, quant_state, lora_A):
+    """What ``strategy.choose`` caches the 4-bit forward's timing under (the backward reads it back). As for the
+    dense op, the bias is not part of it: one more vector in the epilogue does not change which GEMM wins."""
+    out_features, in_features = tuple(quant_state.shape)
+    return (
+        "nf4", row_class(n_rows), in_features, out_features, lora_A.shape[0], x.dtype, lora_A.dtype,
+        quant_state.quant_type, quant_state.blocksize, quant_state.nested, quant_state.dtype,
+        x.device,
+    )  # fmt: skip
+
+
+def strategy_for(n_rows: int, x: torch.Tensor, quant_state, lora_A: torch.Tensor) -> str | None:
+    """Read-only: what a forward with ``n_rows`` rows of ``x``'s dtype and device runs: ``"gemv"`` for 1 to
+    ``GEMV_MAX_ROWS`` rows, else ``strategy.NF4``'s choice (``strategy.current``; None: ``auto`` has not timed it
+    yet). Reads only ``quant_state``'s ``shape``, ``quant_type``, ``blocksize``, ``nested`` and ``dtype`` and the
+    tensors' shapes, dtypes and devices, so empty ``[0, in]`` and ``[r, in]`` tensors will do."""
+    if 0 < n_rows <= GEMV_MAX_ROWS:
+        return "gemv"
+    return strategy.current(_strategy_key(n_rows, x, quant_state, lora_A), n_rows, x.device, strategy.NF4)
+
+
+def _large_rows(strategy_name, x_rows, weight4, bias, xa, lora_B, scaling) -> torch.Tensor:
+    """``x Wᵀ + b + s · xa Bᵀ`` → ``[M, out]`` in x's dtype by ``strategy_name`` (``strategy.NF4``'s)."""
+    if strategy_name == "dequant":
+        pair_table_ = _pair_table(weight4.quant_state.quant_type, weight4.code)
+        return nf4_gemm(x_rows, weight4, bias, xa, lora_B, scaling, pair_table_)
+    weight = decoded_weight(weight4, x_rows.dtype)
+    return dense.base_and_expand(strategy_name, x_rows, weight, bias, xa, lora_B, scaling)
+
+
 def forward(x, weight4, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """``(y [..., out], xa [M, r], keep_bits)`` as ``kernels.lora_linear.forward`` returns them, for the 4-bit
     weight ``weight4``; operands as ``ops.nf4_lora_linear`` checks them (x, bias in one of fp32/fp16/bf16; A, B
     in one of them; one CUDA device, or the CPU under the interpreter)."""
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < n_rows <= GEMV_MAX_ROWS:
-        weight = decoded_weight(weight4, x.dtype)
-        return dense.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, False)
     with on_device(x):
         x_rows = x.reshape(-1, x.shape[-1])
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
         xa, keep_bits = project(x_rows, lora_A.T, keep_scale, seed, dropout_p)
-        out = _gemv(x_rows, weight4, bias, xa, lora_B, scaling)
+        if 0 < n_rows <= GEMV_MAX_ROWS:
+            out = _gemv(x_rows, weight4, bias, xa, lora_B, scaling)
+        elif n_rows == 0:  # nothing to compute, nothing to decode
+            out = x_rows.new_empty((0, lora_B.shape[0]))
+        else:
+            candidates = {
+                name: lambda name=name: _large_rows(name, x_rows, weight4, bias, xa, lora_B, scaling)
+                for name in strategy.NF4.strategies
+            }
+            key = _strategy_key(n_rows, x, weight4.quant_state, lora_A)
+            chosen = strategy.choose(key, n_rows, x.device, candidates, strategy.NF4)
+            out = _large_rows(chosen, x_rows, weight4, bias, xa, lora_B, scaling)
     return out.reshape(*x.shape[:-1], out.shape[-1]), xa, keep_bits
 
 
 def backward(grad_out, x, weight4, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, needs):
     """``(dx, dA, dB)``, each None unless ``needs`` asks for it: the dense backward on the weight decoded again
-    (only when dx is needed: dA and dB do not read W)."""
+    (only when dx is needed: dA and dB do not read W), its dx GEMM ``fused`` after a ``fused`` forward, ``cublas``
+    otherwise."""
     weight = decoded_weight(weight4, x.dtype) if needs[0] else None
+    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    forward_choice = strategy.current(
+        _strategy_key(n_rows, x, weight4.quant_state, lora_A), n_rows, x.device, strategy.NF4
+    )
+    dx_strategy = "fused" if forward_choice == "fused" else "cublas"
     return dense.backward(
-        grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, False, needs
+        grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling, dropout_p, False, needs, dx_strategy
     )

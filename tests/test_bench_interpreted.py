@@ -57,7 +57,7 @@ def test_every_case_has_a_roofline_beside_its_time_with_the_assumed_peaks_stated
     assert all(result["roofline_s"] > 0 for result in record["results"])
 
 
-def test_dense_layer_cases_report_the_strategy_auto_ran(interpreted_run):
+def test_dense_and_4bit_layer_cases_report_the_strategy_auto_ran(interpreted_run):
     _, record = interpreted_run
     strategy = {
         (result["case"], result["params"]["tokens"]): result["strategy"] for result in record["results"]
@@ -65,7 +65,7 @@ def test_dense_layer_cases_report_the_strategy_auto_ran(interpreted_run):
     # Off CUDA nothing is timed: above 64 rows auto runs fused; at most 64 rows (decode) always cublas.
     assert strategy[("forward+backward", 72)] == "fused"
     assert strategy[("dense 64->64", 1)] == "cublas"
-    assert strategy[("NF4 64->64", 1)] is None  # a 4-bit base has no dense strategy
+    assert strategy[("NF4 64->64", 1)] == "gemv"  # a 4-bit base at ≤ 64 rows: the fused dequantize-in-GEMV
 
 
 def test_interpret_needs_the_interpreter_set_before_start(monkeypatch, capsys):

@@ -191,13 +191,15 @@ def run(
 
 
 def _add_roofline_and_strategy(measured, device, peaks) -> None:
-    """Each result's roofline time and, for a dense LoRA layer, the strategy ``auto`` ran."""
+    """Each result's roofline time and, for a dense or 4-bit LoRA layer, the strategy ``auto`` ran."""
     from lora_engine.bench import kernel_choice, roofline
 
     for result in measured:
         work = roofline.work_of(result.case)
         result.roofline_s = work.seconds(peaks) if work is not None else None
-        result.strategy = kernel_choice.dense_strategy(result.case, device)
+        result.strategy = kernel_choice.dense_strategy(result.case, device) or kernel_choice.nf4_strategy(
+            result.case, device
+        )
 
 
 class _Stopped(Exception):

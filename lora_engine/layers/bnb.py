@@ -5,8 +5,10 @@
 runs bitsandbytes' own matmul on the quantized weight and each adapter runs through ``ops.lora_linear`` with no
 base weight. On the Triton backend (CUDA by default, or ``LORA_ENGINE_BACKEND=triton``) a 4-bit base and its first
 active adapter run as one ``ops.nf4_lora_linear`` call (the weight decoded inside the kernels, for training and
-inference), later adapters as before; under ``torch.compile`` (the op is not a custom op) and for the 8-bit base
-the first way.
+inference), later adapters as before; under ``torch.compile`` on every backend too (the op is then one custom-op
+node: nothing of bitsandbytes' matmul is traced), except on a weight bitsandbytes repacked for the CPU (its
+portable copy cannot be made inside a graph; bitsandbytes' own matmul reads it). The 8-bit base always runs the
+first way.
 
 Merging cannot add ``s · B A`` in place into a quantized weight: it dequantizes the weight, adds the delta in
 fp32 and quantizes the sum again in the layer's own format (peft's recipe, so merged models equal peft's).
@@ -87,7 +89,7 @@ def _portable_4bit(weight: bnb.nn.Params4bit) -> tuple[torch.Tensor, bnb.functio
     absmax back in row order as plain fp32 (bnb's inverse would double-quantize it again, rounding twice).
     """
     quant_state = weight.quant_state
-    if not getattr(quant_state, "packing_format_for_cpu", False):
+    if not _repacked_for_cpu(weight):
         return weight.data, quant_state
     quant_state = copy.deepcopy(quant_state)
     absmax = quant_state.absmax.T.reshape(-1).float()
@@ -95,6 +97,11 @@ def _portable_4bit(weight: bnb.nn.Params4bit) -> tuple[torch.Tensor, bnb.functio
     packed_weight, quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
     quant_state.absmax = absmax
     return packed_weight, quant_state
+
+
+def _repacked_for_cpu(weight: bnb.nn.Params4bit) -> bool:
+    """Whether bitsandbytes repacked ``weight`` into its CPU-only layout (see ``_portable_4bit``)."""
+    return getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False)
 
 
 def _dense_linear(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None) -> nn.Linear:
@@ -205,14 +212,16 @@ class LoraLinear4bit(_BnbLoraLinear):
     bits = 4
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """As ``_BnbLoraLinear.forward``; on the Triton backend the base and the first active adapter run as one
-        ``ops.nf4_lora_linear`` call. Like bitsandbytes' ``Linear4bit.forward``, x is computed in the layer's
+        """As ``_BnbLoraLinear.forward``; on the Triton backend, and under ``torch.compile`` on any backend, the base
+        and the first active adapter run as one ``ops.nf4_lora_linear`` call. Like bitsandbytes' ``Linear4bit.forward``, x is computed in the layer's
         ``compute_dtype`` (set from the first input when it has none) and the result cast back to x's dtype."""
         fused = (
             self.routing is None
             and not self.disable_adapters
-            and not torch.compiler.is_compiling()
-            and backend.uses_triton("nf4_lora_linear", x.device)
+            and (
+                (torch.compiler.is_compiling() and not _repacked_for_cpu(self.base_layer.weight))
+                or backend.uses_triton("nf4_lora_linear", x.device)
+            )
         )
         if not fused:
             return super().forward(x, *args, **kwargs)

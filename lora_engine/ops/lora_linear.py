@@ -50,7 +50,9 @@ __all__ = [
     "draw_seed",
     "check_operands",
     "lora_linear",
+    "no_tensor",
     "reference_lora_linear",
+    "scaling_for",
     "triton_lora_linear",
 ]
 
@@ -174,12 +176,12 @@ def _math(backend_name: str):
     return kernel
 
 
-def _no_tensor(like: torch.Tensor) -> torch.Tensor:
+def no_tensor(like: torch.Tensor) -> torch.Tensor:
     """What a custom op returns for "no tensor" (its outputs cannot be None): an empty uint8 tensor."""
     return like.new_empty(0, dtype=torch.uint8)
 
 
-def _scaling_for(backend_name: str, scaling: torch.Tensor) -> float | torch.Tensor:
+def scaling_for(backend_name: str, scaling: torch.Tensor) -> float | torch.Tensor:
     """The custom ops' 0-d ``scaling`` as the backend's math takes it: the reference multiplies by the tensor (the
     same fp32 products as by the float), a kernel gets its value (read on the host, outside any graph)."""
     return scaling if backend_name == "reference" else float(scaling)
@@ -207,12 +209,12 @@ def _forward_op(
             bias,
             lora_A,
             lora_B,
-            _scaling_for(backend_name, scaling),
+            scaling_for(backend_name, scaling),
             dropout_p,
             seed,
             fan_in_fan_out,
         )
-    return out, xa, keep_bits if keep_bits is not None else _no_tensor(x)
+    return out, xa, keep_bits if keep_bits is not None else no_tensor(x)
 
 
 @_forward_op.register_fake
@@ -226,7 +228,7 @@ def _forward_fake(backend_name, x, weight, bias, lora_A, lora_B, scaling, dropou
     xa = x.new_empty(xa_shape, dtype=lora_A.dtype)
     if dropout_p > 0.0:
         return out, xa, x.new_empty((n_rows, -(-in_features // 8)), dtype=torch.uint8)
-    return out, xa, _no_tensor(x)
+    return out, xa, no_tensor(x)
 
 
 @torch.library.custom_op("lora_engine::lora_linear_backward", mutates_args=())
@@ -249,11 +251,11 @@ def _backward_op(
     """``(dx, dA, dB)`` of ``backend_name``'s ``backward``, an empty tensor for each one not asked for."""
     with torch.autocast(x.device.type, enabled=False):
         grads = _math(backend_name).backward(
-            grad_out, x, weight, lora_A, lora_B, xa, keep_bits, _scaling_for(backend_name, scaling), dropout_p,
+            grad_out, x, weight, lora_A, lora_B, xa, keep_bits, scaling_for(backend_name, scaling), dropout_p,
             fan_in_fan_out,
             (need_x, need_A, need_B),
         )  # fmt: skip
-    return tuple(grad if grad is not None else _no_tensor(x) for grad in grads)
+    return tuple(grad if grad is not None else no_tensor(x) for grad in grads)
 
 
 @_backward_op.register_fake
@@ -262,7 +264,7 @@ def _backward_fake(
     need_x, need_A, need_B,
 ):  # fmt: skip
     return tuple(
-        torch.empty_like(like, memory_format=torch.contiguous_format) if needed else _no_tensor(x)
+        torch.empty_like(like, memory_format=torch.contiguous_format) if needed else no_tensor(x)
         for like, needed in ((x, need_x), (lora_A, need_A), (lora_B, need_B))
     )
 

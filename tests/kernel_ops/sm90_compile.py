@@ -27,6 +27,7 @@ from lora_engine.kernels import (
     lora_merge,
     low_rank,
     nf4_dequantize,
+    nf4_gemm,
     nf4_lora_linear,
     nf4_merge,
 )
@@ -351,6 +352,44 @@ def _gemv_4bit_cases():
         )
 
 
+def _gemm_4bit_cases():
+    """The dequantize-in-GEMM at 8192 rows, NF4 with double quant, blocksize 64, bias, rank 16: a Llama MLP's up
+    (4096 → 11008) and down (11008 → 4096) projections in bf16 (wgmma), with fp32 or bf16 adapters; fp32 x
+    (three-pass TF32); and widths that are not whole blocks (4100: each weight's absmax decoded on its own). Every
+    config its autotuner keeps, compiled without FMA contraction, as launched."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for in_features, out_features, x_dtype, adapter_dtype in (
+        (4096, 11008, bf16, fp32), (11008, 4096, bf16, fp32), (4096, 11008, bf16, bf16), (4096, 11008, fp32, fp32),
+        (4100, 11008, bf16, fp32), (4100, 11008, fp32, fp32),
+    ):  # fmt: skip
+        args = {
+            "x_ptr": _tensor(x_dtype), "packed_ptr": _tensor(torch.uint8), "code_ptr": _tensor(fp32),
+            "pair_table_ptr": _tensor(torch.int64), "absmax_ptr": _tensor(torch.uint8), "absmax2_ptr": _tensor(fp32),
+            "code2_ptr": _tensor(fp32), "bias_ptr": _tensor(x_dtype), "xa_ptr": _tensor(adapter_dtype),
+            "lora_B_ptr": _tensor(adapter_dtype), "out_ptr": _tensor(x_dtype), "M": TOKENS, "N": out_features,
+            "K": in_features, "R": RANK, "stride_x_m": in_features, "stride_x_k": 1, "stride_bias": 1,
+            "stride_xa_m": RANK, "stride_xa_r": 1, "stride_lora_B_n": RANK, "stride_lora_B_r": 1,
+            "stride_out_m": out_features, "stride_out_n": 1, "offset": 0.01, "scale": 2.0, "ROW_CLASS": 2,
+        }  # fmt: skip
+        constexprs = {
+            "WEIGHT_DTYPE": triton.language.bfloat16, "BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True,
+            "ABSMAX2_DTYPE": triton.language.float32, "HAS_BIAS": True, "WIDE_INDEX": False, "EVEN_K": True,
+            "WHOLE_BLOCK_ROWS": in_features % 64 == 0, "FP32_PRECISION": "tf32x3",
+            "LOW_RANK_PRECISION": "tf32x3" if x_dtype == fp32 else "tf32", "BLOCK_R": RANK,
+        }  # fmt: skip
+        autotuner = nf4_gemm._nf4_gemm_kernel
+        name = (
+            f"gemm_4bit: {in_features} → {out_features}, nf4 double quant, {TRITON_TYPES[x_dtype]} x, "
+            f"{TRITON_TYPES[adapter_dtype]} adapters"
+        )
+        for config in autotuner.early_config_prune(autotuner.configs, args, **constexprs):
+            result = _compile(
+                autotuner.fn, args, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages,
+                enable_fp_fusion=False,
+            )  # fmt: skip
+            yield {"case": name, "config": config.kwargs, "num_warps": config.num_warps, **result}
+
+
 def _grouped_cases():
     """A prefill-sized mixed batch (bf16 x, bf16 adapters): its dots are large enough for wgmma."""
     tiles = {
@@ -418,6 +457,7 @@ def main() -> None:
         *_merge_cases(),
         *_nf4_cases(),
         *_gemv_4bit_cases(),
+        *_gemm_4bit_cases(),
         *_grouped_cases(),
         *_dora_cases(),
     ):

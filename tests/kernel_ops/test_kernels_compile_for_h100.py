@@ -29,7 +29,7 @@ def compiled(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len({record["case"] for record in records}) == 32, records
+    assert len({record["case"] for record in records}) == 38, records
     return records
 
 
@@ -101,3 +101,25 @@ def test_the_4bit_gemv_dots_on_64_feature_tiles_use_wgmma(compiled):
     ]
     wide = [record for record in tiles if record["config"]["BLOCK_N"] == 64]
     assert wide and all(record["wgmma"] for record in wide), tiles
+
+
+def test_the_4bit_gemm_decodes_without_fused_multiply_add_and_dots_on_wgmma_in_every_kept_tile(compiled):
+    # The decoded weights must round as the buffer path's (no FMA in the nested absmax); each tile is ≥ 64 rows,
+    # a warpgroup MMA's operand, for bf16 and for fp32 x (TF32) alike.
+    gemm = [record for record in compiled if record["case"].startswith("gemm_4bit")]
+    assert len({record["case"] for record in gemm}) == 6, gemm
+    assert all(record["wgmma"] and not record["fp32_fma"] for record in gemm), gemm
+
+
+def test_the_4bit_gemm_keeps_its_largest_tiles_for_bf16_layers_of_whole_blocks(compiled):
+    # A real layer (width a multiple of the blocksize) in bf16 must not be pruned down to small tiles.
+    up = [
+        record["config"]
+        for record in compiled
+        if record["case"] == "gemm_4bit: 4096 → 11008, nf4 double quant, bf16 x, fp32 adapters"
+    ]
+    assert {(config["BLOCK_M"], config["BLOCK_N"]) for config in up} >= {
+        (128, 256),
+        (256, 128),
+        (128, 128),
+    }, up

@@ -206,3 +206,136 @@ def test_large_row_decodes_reuse_one_buffer_per_device_and_dtype(kernels):
     small = kernels.nf4_lora_linear.decoded_weight(packed4((16, 48)), torch.float16)
     assert small.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
     assert small.shape == (16, 48) and small.is_contiguous()
+
+
+# The large-row strategies (LORA_ENGINE_NF4_GEMM): the dequantize-inside-the-GEMM kernel against the reference
+# and the buffer path. out = 29 and 70 rows are not multiples of the interpreter's 16 × 16 tile; widths 45 (odd:
+# element-wise decode), 46 (even, blocks across rows: an absmax per element), 64 and 128 (whole blocks per row: an
+# absmax per tile row); every weight count here ends in a partial 4-bit block except the whole-block ones.
+GEMM_CASES = {
+    "fp32-nf4-double-b64-odd-width-bias": (torch.float32, "nf4", True, 64, 45, True, 0.0),
+    "fp32-fp4-single-b128-odd-width-dropout": (torch.float32, "fp4", False, 128, 45, False, 0.1),
+    "bf16-nf4-double-b64-even-width-dropout-bias": (torch.bfloat16, "nf4", True, 64, 46, True, 0.1),
+    "bf16-fp4-double-b128-whole-blocks": (torch.bfloat16, "fp4", True, 128, 128, False, 0.0),
+    "fp32-nf4-single-b64-whole-blocks-bias": (torch.float32, "nf4", False, 64, 64, True, 0.0),
+}
+
+
+def _forced(monkeypatch, strategy_name, run):
+    monkeypatch.setenv("LORA_ENGINE_NF4_GEMM", strategy_name)
+    return run()
+
+
+@pytest.mark.parametrize("case", GEMM_CASES.values(), ids=GEMM_CASES.keys())
+def test_dequant_gemm_matches_the_reference_and_the_buffer_path_forward_and_backward(monkeypatch, case):
+    dtype, quant_type, double_quant, blocksize, in_features, bias, dropout_p = case
+    weight4 = _weight4(dtype, quant_type, double_quant, blocksize, in_features)
+    x, bias_, lora_A, lora_B = _operands(DENSE_ROWS, dtype, bias, in_features=in_features)
+    out, grads = _forced(
+        monkeypatch, "dequant", lambda: _run("triton", x, weight4, bias_, lora_A, lora_B, dropout_p)
+    )
+    want_out, want_grads = _run("reference", x, weight4, bias_, lora_A, lora_B, dropout_p)
+    _assert_close(out, want_out, dtype)
+    for grad, want in zip(grads, want_grads, strict=True):
+        _assert_close(grad, want, dtype)
+    with torch.no_grad():
+        buffered = _forced(
+            monkeypatch, "fused", lambda: _run_forward(x, weight4, bias_, lora_A, lora_B, dropout_p)
+        )
+    _assert_close(out, buffered, dtype)
+
+
+def _run_forward(x, weight4, bias, lora_A, lora_B, dropout_p):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_ENGINE_BACKEND", "triton")
+        torch.manual_seed(7)
+        return nf4_lora_linear(x, *weight4, bias, lora_A, lora_B, 1.5, dropout_p)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dequant_gemm_rounds_the_weight_to_its_quantized_dtype_before_x_dtype(monkeypatch, weight_dtype):
+    # fp32 x: a weight left unrounded would differ from the reference by about 1e-3, far outside fp32 tolerance.
+    weight4 = _weight4(weight_dtype, in_features=64)
+    x, bias, lora_A, lora_B = _operands(DENSE_ROWS, torch.float32, in_features=64)
+    with torch.no_grad():
+        got = _forced(monkeypatch, "dequant", lambda: _run_forward(x, weight4, bias, lora_A, lora_B, 0.0))
+        want = _run_forward_on("reference", x, weight4, bias, lora_A, lora_B)
+    _assert_close(got, want, torch.float32)
+
+
+def _run_forward_on(backend_name, x, weight4, bias, lora_A, lora_B):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_ENGINE_BACKEND", backend_name)
+        return nf4_lora_linear(x, *weight4, bias, lora_A, lora_B, 1.5)
+
+
+def test_each_large_row_strategy_runs_what_its_name_says(kernels, monkeypatch):
+    calls = []
+    module = kernels.nf4_lora_linear
+    gemm = module.nf4_gemm
+    monkeypatch.setattr(module, "nf4_gemm", lambda *args: calls.append("dequant") or gemm(*args))
+    decode = module.decoded_weight
+    monkeypatch.setattr(module, "decoded_weight", lambda *args: calls.append("decode") or decode(*args))
+    x, bias, lora_A, lora_B = _operands(DENSE_ROWS, torch.float32)
+    for strategy_name in ("dequant", "fused", "cublas"):
+        with torch.no_grad():
+            _forced(
+                monkeypatch, strategy_name, lambda: _run_forward(x, _weight4(), bias, lora_A, lora_B, 0.0)
+            )
+    assert calls == ["dequant", "decode", "decode"]
+
+
+def test_backward_after_a_dequant_forward_decodes_into_the_buffer_and_runs_dx_through_cublas(
+    kernels, monkeypatch
+):
+    dense_backward = kernels.lora_linear.backward
+    strategies = []
+
+    def recording_backward(*args):
+        strategies.append(args[-1])
+        return dense_backward(*args)
+
+    monkeypatch.setattr(kernels.nf4_lora_linear.dense, "backward", recording_backward)
+    x, bias, lora_A, lora_B = _operands(DENSE_ROWS, torch.float32)
+    for strategy_name in ("dequant", "fused", "cublas"):
+        monkeypatch.setenv("LORA_ENGINE_NF4_GEMM", strategy_name)
+        out = _run_forward(x, _weight4(), bias, lora_A, lora_B, 0.0)
+        out.sum().backward()
+    assert strategies == ["cublas", "fused", "cublas"]
+
+
+def test_an_unknown_4bit_strategy_is_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("LORA_ENGINE_NF4_GEMM", "cutlass")
+    x, bias, lora_A, lora_B = _operands(DENSE_ROWS, torch.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"LORA_ENGINE_NF4_GEMM='cutlass' is not a strategy; choose one of auto, dequant, fused",
+    ):
+        _run_forward(x, _weight4(), bias, lora_A, lora_B, 0.0)
+
+
+def test_the_dense_setting_does_not_force_the_4bit_choice(kernels, monkeypatch):
+    # LORA_ENGINE_LORA_GEMM=dequant would be refused by the dense op; the 4-bit op reads only its own variable.
+    from lora_engine.kernels import strategy
+
+    monkeypatch.setenv("LORA_ENGINE_LORA_GEMM", "cublas")
+    monkeypatch.delenv("LORA_ENGINE_NF4_GEMM", raising=False)
+    cpu = torch.device("cpu")
+    assert strategy.choose("key", strategy.SMALL_ROWS + 1, cpu, None, strategy.NF4) == "fused"
+    monkeypatch.setenv("LORA_ENGINE_NF4_GEMM", " Dequant")
+    assert strategy.choose("key", strategy.SMALL_ROWS + 1, cpu, None, strategy.NF4) == "dequant"
+
+
+def test_the_custom_op_on_the_kernels_passes_opcheck():
+    # The fake implementation must describe what the kernels return: xa flattened to [M, r], the packed mask.
+    from lora_engine.ops import nf4_lora_linear as op
+
+    packed, quant_state = _weight4()
+    x, bias, lora_A, lora_B = _operands((2, 3), torch.float32)  # leading dims the kernels' xa flattens
+    scaling = torch.tensor(1.5, dtype=torch.float64)
+    forward_args = (
+        "triton", x, packed, *op._state_arguments(quant_state), bias, lora_A, lora_B, scaling, 0.1,
+        op.draw_seed(x.device),
+    )  # fmt: skip
+    results = torch.library.opcheck(op._forward_op, forward_args)
+    assert all(result == "SUCCESS" for result in results.values()), results
