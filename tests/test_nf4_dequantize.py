@@ -236,3 +236,20 @@ def test_cpu_fast_path_decodes_three_dimensional_shapes_like_the_oracle(quant_ty
     ours = nf4_dequantize(packed, state)
     assert ours.shape == (3, 5, 128)
     assert_same_bits(ours, reference.nf4_dequantize_torch(packed, state))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [64, 128, 2048])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("shape", [(40, 688), (7, 96), (45, 29), (3, 5, 7)], ids=str)
+def test_cpu_fast_path_decodes_blocks_across_rows_and_a_partial_last_block_like_the_oracle(
+    shape, double_quant, blocksize, dtype
+):
+    # Widths that are not a multiple of the blocksize: bnb's kernel is asked for rows of whole blocks, and a partial
+    # last block (45 x 29, 3 x 5 x 7: an odd count too) is decoded apart.
+    weight = _weight(shape, torch.float32)
+    weight.view(-1)[::5] *= 1e-38
+    packed, state = bnb_F.quantize_4bit(
+        weight.to(dtype), blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
+    )
+    assert_same_bits(nf4_dequantize(packed, state), reference.nf4_dequantize_torch(packed, state))

@@ -20,7 +20,7 @@ bit-exact with ``bitsandbytes.functional.dequantize_4bit``.
 
 from __future__ import annotations
 
-from math import prod
+from math import gcd, prod
 
 import torch
 
@@ -59,6 +59,14 @@ _FP4_CODE = torch.tensor(
 CODE_TABLES = {"nf4": _NF4_CODE, "fp4": _FP4_CODE}
 
 
+def _byte_pairs(code: torch.Tensor) -> torch.Tensor:
+    """``[256, 2]``: row ``b`` is ``(code[b >> 4], code[b & 15])``, the two values of packed byte ``b``."""
+    return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)
+
+
+_BYTE_PAIRS = {quant_type: _byte_pairs(code) for quant_type, code in CODE_TABLES.items()}
+
+
 def _scaled_by_block(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """fp32 ``values[j] * absmax[j // blocksize]`` over a flat ``values``; the last block may be partial."""
     numel = values.numel()
@@ -83,25 +91,60 @@ def block_absmax(quant_state) -> torch.Tensor:
 def nf4_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """``ops.nf4_dequantize`` in PyTorch; see its docstring for the contract.
 
-    For NF4 on the CPU, where every row holds whole blocks (``shape[-1] % blocksize == 0``), the per-element
-    products are taken by bitsandbytes' compiled CPU decode (about 10x faster than a PyTorch gather there), fed
-    with this module's absmax and asked for fp32; elsewhere by ``nf4_dequantize_torch``. The two are bit-exact.
-    FP4 stays on ``nf4_dequantize_torch``: bnb's scalar CPU loop (CPUs without AVX-512) gives its zero code
-    the other sign, which a zero or negative absmax (an all-zero block under double quant) carries through.
+    For NF4 on the CPU the per-element products of the whole blocks are taken by bitsandbytes' compiled CPU decode
+    (about 10x faster than a PyTorch gather there), fed with this module's absmax and asked for fp32, and those of
+    a partial last block, if any, by a PyTorch lookup; elsewhere everything by ``nf4_dequantize_torch``. The two
+    are bit-exact. bnb 0.50's AVX-512 kernel indexes absmax per row (``row * (cols // blocksize) + col //
+    blocksize``), the element's flat block only where rows hold whole blocks, and bnb itself calls it on any
+    even width, misplacing the scales of blocks that cross rows: here it is asked for rows of whole blocks
+    (``_whole_block_rows``), which is the same flat weight. FP4 stays on ``nf4_dequantize_torch``: bnb's scalar
+    CPU loop (CPUs without AVX-512) gives its zero code the other sign, which a zero or negative absmax (an
+    all-zero block under double quant) carries through.
     """
     shape = tuple(quant_state.shape)
-    fast = packed.device.type == "cpu" and quant_state.quant_type == "nf4"
-    if not fast or shape[-1] % quant_state.blocksize != 0:
+    numel, blocksize = prod(shape), quant_state.blocksize
+    whole = numel - numel % blocksize
+    if packed.device.type != "cpu" or quant_state.quant_type != "nf4" or whole == 0:
         return nf4_dequantize_torch(packed, quant_state)
-    numel = prod(shape)
-    packed_bytes = packed.reshape(-1).view(torch.uint8)[: numel // 2]
-    # Only where rows hold whole blocks: bnb 0.50's AVX-512 kernel indexes absmax per row (``row * (cols //
-    # blocksize) + col // blocksize``), which is the element's flat block only then. fp32 out, cast here: its
-    # bf16 output flushes subnormals (VCVTNEPS2BF16), torch's cast rounds to nearest-even and keeps them.
+    packed_bytes = packed.reshape(-1).view(torch.uint8)
+    absmax = _compiled_block_absmax(quant_state)
+    # fp32 out, cast here: its bf16 output flushes subnormals (VCVTNEPS2BF16), torch's cast rounds to nearest-even
+    # and keeps them.
     values = torch.ops.bitsandbytes.dequantize_4bit.default(
-        packed_bytes, block_absmax(quant_state), quant_state.blocksize, "nf4", shape, torch.float32
+        packed_bytes[: whole // 2], absmax[: whole // blocksize], blocksize, "nf4",
+        _whole_block_rows(shape, whole, blocksize), torch.float32,
+    ).view(-1)  # fmt: skip
+    if (
+        whole < numel
+    ):  # the partial last block: its bytes through the pair table, as nf4_dequantize_torch does
+        tail_bytes = packed_bytes[whole // 2 : (numel + 1) // 2]
+        tail = _BYTE_PAIRS["nf4"].index_select(0, tail_bytes.int()).view(-1)[: numel - whole]
+        values = torch.cat([values, tail.mul_(absmax[whole // blocksize])])
+    return values.view(shape).to(quant_state.dtype)
+
+
+def _whole_block_rows(shape: tuple[int, ...], whole: int, blocksize: int) -> tuple[int, int]:
+    """``[rows, cols]`` for the first ``whole`` elements (whole blocks) in which every row holds whole blocks: the
+    weight's own when its rows do, else rows of up to 16 blocks (any width does; 16 keeps rows long enough for the
+    kernel's vector loop)."""
+    if shape[-1] % blocksize == 0 and whole == prod(shape):
+        return (whole // shape[-1], shape[-1])
+    cols = blocksize * gcd(whole // blocksize, 16)
+    return (whole // cols, cols)
+
+
+def _compiled_block_absmax(quant_state) -> torch.Tensor:
+    """``block_absmax`` with the nested 8-bit absmax decoded by bitsandbytes' compiled CPU loop (the one its own
+    ``dequantize_4bit`` calls: the same fp32 product per entry, so the same bits; half the time of the gather
+    and products in torch ops)."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    state2 = quant_state.state2
+    absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+        quant_state.absmax, state2.absmax, state2.code, state2.blocksize, state2.dtype
     )
-    return values.to(quant_state.dtype)
+    absmax += quant_state.offset
+    return absmax.float()
 
 
 def nf4_dequantize_torch(packed: torch.Tensor, quant_state) -> torch.Tensor:
@@ -113,9 +156,8 @@ def nf4_dequantize_torch(packed: torch.Tensor, quant_state) -> torch.Tensor:
     # One gather per packed byte, not two per element: byte b decodes to (code[b >> 4], code[b & 15]), so a
     # 256-row table of pairs turns the bytes straight into the flat weight (high nibble first). The values and
     # the fp32 products are the same as a per-nibble lookup's, so the result stays bit-exact with bnb.
-    byte_pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)
     packed_bytes = packed.reshape(-1).view(torch.uint8)[: (numel + 1) // 2]
-    values = byte_pairs.index_select(0, packed_bytes.int()).view(-1)[:numel]
+    values = _byte_pairs(code).index_select(0, packed_bytes.int()).view(-1)[:numel]
     absmax = block_absmax(quant_state)
     # Scaled in place, whole blocks as one [blocks, blocksize] product, then the partial last block if any.
     whole_blocks, tail = divmod(numel, blocksize)
