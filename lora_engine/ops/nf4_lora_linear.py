@@ -244,15 +244,13 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _forward_fake(
-    backend_name, x, packed, absmax, nested_absmax, nested_code, offset, shape, *_static_and_rest
+    _backend_name, x, packed, absmax, nested_absmax, nested_code, offset, shape, *_static_and_rest
 ):
     *_, lora_A, lora_B, _scaling, dropout_p, _seed = _static_and_rest
     rank, in_features = lora_A.shape
     n_rows = x.numel() // in_features if in_features else 0
     out = x.new_empty((*x.shape[:-1], shape[0]))
-    # The reference keeps x's leading dims on the [..., r] product; the kernels flatten them.
-    xa_shape = (*x.shape[:-1], rank) if backend_name == "reference" else (n_rows, rank)
-    xa = x.new_empty(xa_shape, dtype=lora_A.dtype)
+    xa = x.new_empty((n_rows, rank), dtype=lora_A.dtype)  # both backends flatten x's leading dims
     if dropout_p > 0.0:
         return out, xa, x.new_empty((n_rows, -(-in_features // 8)), dtype=torch.uint8)
     return out, xa, no_tensor(x)
