@@ -39,8 +39,6 @@ is the backend's: ``reference.lora_linear`` or ``lora_engine.kernels.lora_linear
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from lora_engine import backend
@@ -71,7 +69,8 @@ def _computed_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
-_stored_dtype = operator.attrgetter("dtype")
+def _stored_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return tensor.dtype
 
 
 def check_operands(
