@@ -179,18 +179,19 @@ SKINNY_MIN_WEIGHT = 1 << 18
 def base_output(x_rows, weight, bias, fan_in_fan_out):
     """``x_rows [N, in] Wᵀ + b`` → a fresh ``[N, out]`` tensor that no autograd node saves (callers add into it).
 
-    For a few fp32 rows (decoding: one token per sequence) it is computed as ``(W @ x_rowsᵀ + b)ᵀ``: MKL streams
-    W once for that product, while ``x Wᵀ`` with 2-16 rows packs a copy of W first; and one row gets a zero second
+    Computed by ``cpu_linear.linear`` (oneDNN for fp32 on the CPU, else ``F.linear``), except for a few fp32 CPU
+    rows without autograd (decoding: one token per sequence), computed as ``(W @ x_rowsᵀ + b)ᵀ``: MKL streams W
+    once for that product, while ``x Wᵀ`` with 2-16 rows packs a copy of W first; and one row gets a zero second
     column, since MKL runs a one-column product on one thread and a two-column one on all of them (W's bytes are
-    read once either way). Measured on the 2-core EPYC, 1024 × 1024, best of many: 4 rows 0.11-0.13 ms against
-    0.87 ms or more, 1 row 0.12 ms against 0.19-0.20 ms; from 5 rows on ``F.linear`` is as fast or faster. The same
-    dot products summed in another order: within fp32 rounding of ``F.linear``. Only without autograd (inference):
-    with grad the extra transposes cost more in autograd bookkeeping than they save. Everything else is
-    ``F.linear``.
+    read once either way). Measured on the 2-core EPYC, 1024 × 1024, two threads, best of many: 4 rows 0.11 ms
+    (oneDNN 0.16, ``F.linear`` 0.87 or more), 1 row 0.12 ms (oneDNN 0.14, ``F.linear`` 0.20); from 5 rows on it
+    loses to both. The same dot products summed in another order: within fp32 rounding of ``F.linear``. With
+    autograd the extra transposes cost more in bookkeeping than they save.
     """
     rows = x_rows.shape[0]
     if (
-        rows > SKINNY_ROWS
+        x_rows.device.type != "cpu"
+        or rows > SKINNY_ROWS
         or weight.numel() < SKINNY_MIN_WEIGHT
         or x_rows.dtype != torch.float32
         or fan_in_fan_out
