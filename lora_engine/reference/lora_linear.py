@@ -171,7 +171,7 @@ def eager_lora_linear(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out):
 
 
 #: At most this many rows, and a weight of at least this many elements (1 MiB in fp32; a smaller one sits in cache,
-#: where packing it costs less than the extra transposes), an fp32 base product runs as ``W @ xᵀ`` (``base_output``).
+#: where packing it costs less than the extra transposes), a decoding base product runs as ``W @ xᵀ`` (``base_output``).
 SKINNY_ROWS = 4
 SKINNY_MIN_WEIGHT = 1 << 18
 
@@ -179,28 +179,35 @@ SKINNY_MIN_WEIGHT = 1 << 18
 def base_output(x_rows, weight, bias, fan_in_fan_out):
     """``x_rows [N, in] Wᵀ + b`` → a fresh ``[N, out]`` tensor that no autograd node saves (callers add into it).
 
-    Computed by ``cpu_linear.linear`` (oneDNN for fp32 on the CPU, else ``F.linear``), except for a few fp32 CPU
-    rows without autograd (decoding: one token per sequence), computed as ``(W @ x_rowsᵀ + b)ᵀ``: MKL streams W
-    once for that product, while ``x Wᵀ`` with 2-16 rows packs a copy of W first; and one row gets a zero second
-    column, since MKL runs a one-column product on one thread and a two-column one on all of them (W's bytes are
-    read once either way). Measured on the 2-core EPYC, 1024 × 1024, two threads, best of many: 4 rows 0.11 ms
-    (oneDNN 0.16, ``F.linear`` 0.87 or more), 1 row 0.12 ms (oneDNN 0.14, ``F.linear`` 0.20); from 5 rows on it
-    loses to both. The same dot products summed in another order: within fp32 rounding of ``F.linear``. With
-    autograd the extra transposes cost more in bookkeeping than they save.
+    Computed by ``cpu_linear.linear`` (oneDNN for fp32 on the CPU, else ``F.linear``), except when decoding (fp32
+    CPU rows without autograd, a weight of at least ``SKINNY_MIN_WEIGHT`` elements):
+
+    - 2 to ``SKINNY_ROWS`` rows as ``(W @ x_rowsᵀ + b)ᵀ``: MKL streams W once for that product, while ``x Wᵀ``
+      packs a copy of W first. 1024 × 1024, 4 rows, two threads, best of many: 0.11 ms (oneDNN 0.16 ms,
+      ``F.linear`` 0.87 ms or more); from 5 rows on it loses to oneDNN.
+    - 1 row with ``F.linear``: MKL's GEMV, on one thread (0.19-0.20 ms). The two-threaded products are faster on
+      an idle machine (oneDNN 0.14 ms, a zero-padded second column 0.12 ms), but fall to 1-9 ms whenever another
+      process holds a core (measured on the shared 2-core machine); the one-threaded GEMV does not.
+
+    The same dot products summed in another order: within fp32 rounding of ``F.linear``. With autograd the extra
+    transposes cost more in bookkeeping than they save.
     """
     rows = x_rows.shape[0]
-    if (
-        x_rows.device.type != "cpu"
-        or rows > SKINNY_ROWS
-        or weight.numel() < SKINNY_MIN_WEIGHT
-        or x_rows.dtype != torch.float32
-        or fan_in_fan_out
-        or torch.is_grad_enabled()
-    ):
-        return cpu_linear.linear(x_rows, weight.T if fan_in_fan_out else weight, bias)
-    columns = x_rows.T if rows > 1 else torch.cat((x_rows, torch.zeros_like(x_rows))).T
-    product = torch.mm(weight, columns) if bias is None else torch.addmm(bias.unsqueeze(1), weight, columns)
-    return product[:, :rows].T.contiguous()
+    decoding = (
+        x_rows.device.type == "cpu"
+        and x_rows.dtype == torch.float32
+        and not fan_in_fan_out
+        and not torch.is_grad_enabled()
+        and weight.numel() >= SKINNY_MIN_WEIGHT
+    )
+    if decoding and rows == 1:
+        return F.linear(x_rows, weight, bias)
+    if decoding and 1 < rows <= SKINNY_ROWS:
+        product = (
+            torch.mm(weight, x_rows.T) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x_rows.T)
+        )
+        return product.T.contiguous()
+    return cpu_linear.linear(x_rows, weight.T if fan_in_fan_out else weight, bias)
 
 
 def _add_low_rank_(out, x_lora_A, lora_B, scaling):
