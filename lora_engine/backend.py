@@ -34,7 +34,10 @@ def get_backend() -> str:
     """The current setting: ``"auto"``, ``"triton"`` or ``"reference"``."""
     if _override is not None:
         return _override
-    return _checked(os.environ.get(ENV_VAR, "auto").strip().lower(), ENV_VAR)
+    setting = os.environ.get(ENV_VAR)
+    if setting is None:  # the usual case, asked on every op call: no string work
+        return "auto"
+    return _checked(setting.strip().lower(), ENV_VAR)
 
 
 def set_backend(name: str | None) -> None:

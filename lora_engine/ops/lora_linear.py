@@ -69,21 +69,36 @@ def _computed_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
+def _stored_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return tensor.dtype
+
+
 def check_operands(
     x, weight, bias, lora_A, lora_B, fan_in_fan_out: bool, dtypes: tuple[torch.dtype, ...]
 ) -> None:
-    """The contract of the module docstring, for a backend that computes in ``dtypes``; raises what it says."""
-    check_same_device(OP, {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
-    x_dtype, adapter_dtype = _computed_dtype(x), _computed_dtype(lora_A)
-    names = ", ".join(str(dtype) for dtype in dtypes)
+    """The contract of the module docstring, for a backend that computes in ``dtypes``; raises what it says.
+
+    Runs on every call of the op (every LoRA layer's forward), so each fact is read once: one device comparison
+    per operand, autocast asked once, the error messages built only when a check fails.
+    """
+    device = x.device
+    if (
+        lora_A.device != device
+        or lora_B.device != device
+        or (weight is not None and weight.device != device)
+        or (bias is not None and bias.device != device)
+    ):
+        check_same_device(OP, {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+    dtype_of = _computed_dtype if torch.is_autocast_enabled(device.type) else _stored_dtype
+    x_dtype, adapter_dtype, lora_B_dtype = dtype_of(x), dtype_of(lora_A), dtype_of(lora_B)
     if x_dtype not in dtypes:
-        raise TypeError(f"{OP}: x has dtype {x_dtype}; expected one of {names}")
-    if adapter_dtype != _computed_dtype(lora_B):
-        raise TypeError(
-            f"{OP}: lora_A ({adapter_dtype}) and lora_B ({_computed_dtype(lora_B)}) must share one dtype"
-        )
+        raise TypeError(f"{OP}: x has dtype {x_dtype}; expected one of {_names(dtypes)}")
+    if adapter_dtype != lora_B_dtype:
+        raise TypeError(f"{OP}: lora_A ({adapter_dtype}) and lora_B ({lora_B_dtype}) must share one dtype")
     if adapter_dtype not in dtypes:
-        raise TypeError(f"{OP}: lora_A and lora_B have dtype {adapter_dtype}; expected one of {names}")
+        raise TypeError(
+            f"{OP}: lora_A and lora_B have dtype {adapter_dtype}; expected one of {_names(dtypes)}"
+        )
     check_dims(OP, "lora_A", lora_A, 2, "[r, in]")
     check_dims(OP, "lora_B", lora_B, 2, "[out, r]")
     rank, in_features = lora_A.shape
@@ -97,17 +112,21 @@ def check_operands(
         )
     if weight is not None:
         expected = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        if tuple(weight.shape) != expected:
+        if weight.shape != expected:
             raise ValueError(
                 f"{OP}: weight has shape {tuple(weight.shape)}; expected {expected} (fan_in_fan_out={fan_in_fan_out})"
             )
-        if _computed_dtype(weight) != x_dtype:
-            raise TypeError(f"{OP}: weight has dtype {_computed_dtype(weight)} but x has {x_dtype}")
+        if dtype_of(weight) != x_dtype:
+            raise TypeError(f"{OP}: weight has dtype {dtype_of(weight)} but x has {x_dtype}")
     if bias is not None:
-        if tuple(bias.shape) != (out_features,):
+        if bias.shape != (out_features,):
             raise ValueError(f"{OP}: bias has shape {tuple(bias.shape)}; expected ({out_features},)")
-        if _computed_dtype(bias) != x_dtype:
-            raise TypeError(f"{OP}: bias has dtype {_computed_dtype(bias)} but x has {x_dtype}")
+        if dtype_of(bias) != x_dtype:
+            raise TypeError(f"{OP}: bias has dtype {dtype_of(bias)} but x has {x_dtype}")
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(dtype) for dtype in dtypes)
 
 
 def _base_gradients(grad_out, x, weight, bias_dtype, fan_in_fan_out, need_weight, need_bias):
