@@ -20,6 +20,7 @@ from lora_engine.layers.loftq import loftq_factors
 from lora_engine.ops.grouped_lora import grouped_lora, runs_segmented
 from lora_engine.ops.lora_linear import lora_linear
 from lora_engine.reference.grouped_lora import segmented_lora
+from lora_engine.reference.lora_linear import base_output
 
 
 class LoraLinear(LoraLayer):
@@ -143,9 +144,20 @@ class LoraLinear(LoraLayer):
             return output
         return (output + lora_B_bias * self.scaling[name]).to(output.dtype)
 
+    def _mixed_batch_base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output for a mixed batch. On the CPU, for an ``nn.Linear`` or ``Conv1D`` base itself,
+        computed as the single-adapter path computes it (``reference.lora_linear.base_output``: oneDNN for fp32,
+        within fp32 rounding of ``F.linear``), so that a mixed batch runs its base as fast as one adapter does."""
+        base = self.base_layer
+        plain = type(base) is nn.Linear or type(base) is Conv1D  # not bitsandbytes' subclasses of nn.Linear
+        if args or kwargs or x.device.type != "cpu" or not plain:
+            return base(x, *args, **kwargs)
+        rows = base_output(x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.fan_in_fan_out)
+        return rows.reshape(*x.shape[:-1], rows.shape[-1])
+
     def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of ``x [B, ..., in]`` gets the adapter ``self.routing`` assigns it, in one grouped call."""
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._mixed_batch_base_output(x, *args, **kwargs)
         with_bias = [name for name in self.routing.names if self.lora_bias.get(name)]
         if with_bias:
             raise ValueError(
