@@ -6,6 +6,9 @@ shared memory, whether the PTX has wgmma. Each case is compiled with the special
 arguments equal to 1 become constants, multiples of 16 are marked divisible by 16 unless the kernel does not
 specialize them, pointers 16-byte aligned), for every tile its autotuner keeps after pruning, at realistic sizes
 (8192 tokens, 4096 × 4096, rank 16).
+
+Longer than the house's ~450 lines because it is one table: a generator of cases per kernel, all in one place so
+that ``test_kernels_compile_for_h100.py`` reads every case's record from one run (one fresh process compiles them).
 """
 
 from __future__ import annotations
