@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from lora_engine.layers import offload_hooks
 from lora_engine.layers.routing import AdapterRouting
 from lora_engine.ops.lora_merge import lora_delta, lora_merge
 from lora_engine.state_tensors import state_tensors
@@ -41,6 +42,14 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.routing: AdapterRouting | None = None  # set by LoraModel for the length of a mixed-batch forward
+
+    def __call__(self, *args, **kwargs):
+        """``nn.Module.__call__``, with the weights of accelerate-offloaded submodules loaded for the call
+        (``offload_hooks``): the forward reads them without calling their modules."""
+        if offload_hooks.has_offload_hooks(self.base_layer):
+            with offload_hooks.weights_loaded(self):
+                return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     # ----------------------------------------------------------------- registry
     @property
