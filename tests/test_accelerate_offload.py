@@ -1,11 +1,11 @@
-"""A LoRA model under accelerate's CPU offloading (``cpu_offload``: every weight kept on the ``meta`` device and
-loaded only around its module's forward) computes what it computes without offloading, as peft's does, and leaves
-no weight loaded after the call."""
+"""A LoRA model under accelerate's offloading (``cpu_offload``, or ``dispatch_model`` with a layer on disk: weights
+kept on the ``meta`` device and loaded only around their module's forward) computes what it computes without
+offloading, as peft's does, and leaves no weight loaded after the call."""
 
 import peft
 import pytest
 import torch
-from accelerate import cpu_offload
+from accelerate import cpu_offload, dispatch_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_engine
@@ -67,3 +67,21 @@ def test_an_offloaded_lora_model_generates_as_peft_does():
         assert torch.equal(
             ours.generate(input_ids=TOKENS, **settings), theirs.generate(input_ids=TOKENS, **settings)
         )
+
+
+def test_a_lora_model_with_a_layer_offloaded_to_disk_computes_what_it_computes_in_memory(tmp_path):
+    model = _two_adapter_model(lora_engine)
+    with torch.no_grad():
+        want = model(input_ids=TOKENS).logits
+    placement = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    dispatch_model(model.base_model.model, device_map=placement, main_device="cpu", offload_dir=tmp_path)
+    with torch.no_grad():
+        got = model(input_ids=TOKENS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
