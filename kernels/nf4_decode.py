@@ -26,6 +26,7 @@ __all__ = [
     "TRITON_DTYPES",
     "absmax_operands",
     "block_scale",
+    "byte_pair_tile",
     "code_nibbles",
     "code_pairs",
     "code_values",
@@ -97,6 +98,55 @@ def block_scale(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSI
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
     return scale
+
+
+@triton.jit
+def byte_pair_tile(
+    first_element,
+    feature_ok,
+    k_start,
+    K,
+    packed_ptr,
+    code_ptr,
+    pair_table_ptr,
+    absmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    BLOCKSIZE,
+    BLOCKSIZE2,
+    NESTED,
+    ABSMAX2_DTYPE,
+    WHOLE_BLOCK_ROWS,
+    PAIR_TABLE,
+    BLOCK_K,
+):
+    """``(even, odd, pairs, pair_ok)``: the fp32 decoded weights of columns ``2 · pairs`` (``even``) and
+    ``2 · pairs + 1`` (``odd``), each ``[features, BLOCK_K // 2]``, of the rows starting at the flat element
+    indices ``first_element`` (``[features]``, every row starting on a byte: K even), for the ``BLOCK_K`` columns
+    from ``k_start``; 0 outside ``feature_ok`` and past K (``pair_ok`` False). Each byte is loaded once and
+    decoded to both its elements (``code_pairs`` when ``PAIR_TABLE``, else ``code_nibbles``); where rows hold
+    whole blocks (``WHOLE_BLOCK_ROWS``) and ``BLOCK_K`` divides the blocksize, each tile row's absmax (nested
+    decode included) is decoded once, not per element."""
+    pairs = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+    pair_ok = pairs < K // 2
+    in_bounds = feature_ok[:, None] & pair_ok[None, :]
+    byte_indices = first_element[:, None] // 2 + pairs[None, :]
+    if PAIR_TABLE:
+        first, second = code_pairs(byte_indices, in_bounds, packed_ptr, pair_table_ptr)
+    else:
+        first, second = code_nibbles(byte_indices, in_bounds, packed_ptr, code_ptr)
+    if tl.constexpr(WHOLE_BLOCK_ROWS and BLOCKSIZE % BLOCK_K == 0):
+        absmax = block_scale(
+            (first_element + k_start) // BLOCKSIZE, feature_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+            BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
+        )[:, None]  # fmt: skip
+    else:
+        absmax = block_scale(
+            (2 * byte_indices) // BLOCKSIZE, in_bounds, absmax_ptr, absmax2_ptr, code2_ptr, offset, BLOCKSIZE2,
+            NESTED, ABSMAX2_DTYPE,
+        )  # fmt: skip
+    return first * absmax, second * absmax, pairs, pair_ok
 
 
 @triton.jit

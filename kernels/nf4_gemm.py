@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, rank_block, row_class
-from .nf4_decode import TRITON_DTYPES, absmax_operands, block_scale, code_pairs, decode_4bit
+from .nf4_decode import TRITON_DTYPES, absmax_operands, byte_pair_tile, decode_4bit
 
 __all__ = ["nf4_gemm"]
 
@@ -176,23 +176,12 @@ def _nf4_gemm_kernel(
         if EVEN_K:
             # Rows start on a byte: one byte load and one pair-table load decode elements 2j and 2j + 1 of a
             # tile row, interleaved back into K order by a join (the pair stays in one thread's registers).
-            pairs = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-            pair_ok = pairs < K // 2
-            in_bounds = feature_ok[:, None] & pair_ok[None, :]
-            byte_indices = first_element[:, None] // 2 + pairs[None, :]
-            first, second = code_pairs(byte_indices, in_bounds, packed_ptr, pair_table_ptr)
-            if tl.constexpr(WHOLE_BLOCK_ROWS and BLOCKSIZE % BLOCK_K == 0):
-                # Each tile row lies in one 4-bit block: its absmax (nested decode included) once per row.
-                absmax = block_scale(
-                    (first_element + k_start) // BLOCKSIZE, feature_ok, absmax_ptr, absmax2_ptr, code2_ptr,
-                    offset, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
-                )[:, None]  # fmt: skip
-            else:
-                absmax = block_scale(
-                    (2 * byte_indices) // BLOCKSIZE, in_bounds, absmax_ptr, absmax2_ptr, code2_ptr, offset,
-                    BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
-                )  # fmt: skip
-            weight = tl.reshape(tl.join(first * absmax, second * absmax), (BLOCK_N, BLOCK_K))
+            even, odd, _, _ = byte_pair_tile(
+                first_element, feature_ok, k_start, K, packed_ptr, code_ptr, pair_table_ptr, absmax_ptr,
+                absmax2_ptr, code2_ptr, offset, BLOCKSIZE, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE, WHOLE_BLOCK_ROWS,
+                True, BLOCK_K,
+            )  # fmt: skip
+            weight = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
         else:
             # An odd width: rows start mid-byte, so each element is decoded on its own.
             weight = decode_4bit(

@@ -56,15 +56,7 @@ from . import lora_linear as dense
 from . import strategy
 from ._utils import autotune_configs, cast, dot_acc, fp32_dot_precision, on_device, rank_block, row_class
 from .low_rank import project
-from .nf4_decode import (
-    TRITON_DTYPES,
-    absmax_operands,
-    block_scale,
-    code_nibbles,
-    code_pairs,
-    decode_4bit,
-    pair_table,
-)
+from .nf4_decode import TRITON_DTYPES, absmax_operands, byte_pair_tile, decode_4bit, pair_table
 from .nf4_dequantize import nf4_dequantize
 from .nf4_gemm import nf4_gemm
 
@@ -196,33 +188,19 @@ def _gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         if EVEN_K:
-            # Rows start on a byte: byte j of the tile row holds elements 2j and 2j + 1. One byte load and one
-            # pair-table load decode both, and they multiply the even and the odd columns of x: no interleave.
-            pairs = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-            pair_ok = pairs < K // 2
-            in_bounds = feature_ok[:, None] & pair_ok[None, :]
-            byte_indices = first_element[:, None] // 2 + pairs[None, :]
-            if PAIR_TABLE:
-                first, second = code_pairs(byte_indices, in_bounds, packed_ptr, pair_table_ptr)
-            else:
-                first, second = code_nibbles(byte_indices, in_bounds, packed_ptr, code_ptr)
-            if tl.constexpr(WHOLE_BLOCK_ROWS and BLOCKSIZE % BLOCK_K == 0):
-                # Each tile row lies in one 4-bit block: its absmax (nested decode included) once per row.
-                absmax = block_scale(
-                    (first_element + k_start) // BLOCKSIZE, feature_ok, absmax_ptr, absmax2_ptr, code2_ptr,
-                    offset, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
-                )[:, None]  # fmt: skip
-            else:
-                absmax = block_scale(
-                    (2 * byte_indices) // BLOCKSIZE, in_bounds, absmax_ptr, absmax2_ptr, code2_ptr, offset,
-                    BLOCKSIZE2, NESTED, ABSMAX2_DTYPE,
-                )  # fmt: skip
+            # Rows start on a byte: byte j of the tile row holds elements 2j and 2j + 1, decoded from one byte
+            # load; they multiply the even and the odd columns of x: no interleave.
+            even, odd, pairs, pair_ok = byte_pair_tile(
+                first_element, feature_ok, k_start, K, packed_ptr, code_ptr, pair_table_ptr, absmax_ptr,
+                absmax2_ptr, code2_ptr, offset, BLOCKSIZE, BLOCKSIZE2, NESTED, ABSMAX2_DTYPE, WHOLE_BLOCK_ROWS,
+                PAIR_TABLE, BLOCK_K,
+            )  # fmt: skip
             acc = _accumulate(
-                first * absmax, x_ptr, rows, 2 * pairs, pair_ok, row_ok, stride_x_m, stride_x_k, acc,
+                even, x_ptr, rows, 2 * pairs, pair_ok, row_ok, stride_x_m, stride_x_k, acc,
                 WEIGHT_DTYPE, BLOCK_M, FP32_PRECISION,
             )  # fmt: skip
             acc = _accumulate(
-                second * absmax, x_ptr, rows, 2 * pairs + 1, pair_ok, row_ok, stride_x_m, stride_x_k, acc,
+                odd, x_ptr, rows, 2 * pairs + 1, pair_ok, row_ok, stride_x_m, stride_x_k, acc,
                 WEIGHT_DTYPE, BLOCK_M, FP32_PRECISION,
             )  # fmt: skip
         else:
