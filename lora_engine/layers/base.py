@@ -126,17 +126,19 @@ class LoraLayer(nn.Module):
         return self.base_layer
 
     def _container_entry(self, container_name: str, adapter_name: str) -> list[nn.Parameter]:
-        container = getattr(self, container_name)
-        if adapter_name not in container:
-            return []
-        entry = container[adapter_name]
-        # Module first: isinstance(x, nn.Parameter) goes through Parameter's slow __instancecheck__.
-        if not isinstance(entry, nn.Module):  # a bare parameter
-            return [entry]
-        if not entry._modules:
-            # A leaf module (the factors' nn.Linear/Conv/Embedding): its own parameter dict, read directly.
-            # ``parameters()`` walks the module tree through two generators, and every set_adapter collects
-            # these for each layer: this keeps a switch's per-adapter work small next to its fixed walk.
+        """``adapter_name``'s parameters in one container (``[]`` when it has none there).
+
+        Every ``set_adapter`` collects these for each layer, so the container's dicts are read directly:
+        ``getattr`` / ``in`` / ``[]`` on a ``ModuleDict`` each go through Python-level ``nn.Module`` methods, and
+        ``parameters()`` walks the tree through two generators. This keeps a switch's per-adapter work small
+        next to its fixed walk over the model.
+        """
+        container = self._modules[container_name]  # a ModuleDict or a ParameterDict
+        entry = container._modules.get(adapter_name)
+        if entry is None:  # a ParameterDict's bare parameter, or no entry at all
+            param = container._parameters.get(adapter_name)
+            return [] if param is None else [param]
+        if not entry._modules:  # a leaf module: the factors' nn.Linear / Conv / Embedding
             return [param for param in entry._parameters.values() if param is not None]
         return list(entry.parameters())
 
