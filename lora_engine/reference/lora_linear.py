@@ -179,15 +179,13 @@ SKINNY_MIN_WEIGHT = 1 << 18
 def base_output(x_rows, weight, bias, fan_in_fan_out):
     """``x_rows [N, in] Wᵀ + b`` → a fresh ``[N, out]`` tensor that no autograd node saves (callers add into it).
 
-    Computed by ``cpu_linear.linear`` (oneDNN for fp32 on the CPU, else ``F.linear``), except when decoding (fp32
-    CPU rows without autograd, a weight of at least ``SKINNY_MIN_WEIGHT`` elements):
-
-    - 2 to ``SKINNY_ROWS`` rows as ``(W @ x_rowsᵀ + b)ᵀ``: MKL streams W once for that product, while ``x Wᵀ``
-      packs a copy of W first. 1024 × 1024, 4 rows, two threads, best of many: 0.11 ms (oneDNN 0.16 ms,
-      ``F.linear`` 0.87 ms or more); from 5 rows on it loses to oneDNN.
-    - 1 row with ``F.linear``: MKL's GEMV, on one thread (0.19-0.20 ms). The two-threaded products are faster on
-      an idle machine (oneDNN 0.14 ms, a zero-padded second column 0.12 ms), but fall to 1-9 ms whenever another
-      process holds a core (measured on the shared 2-core machine); the one-threaded GEMV does not.
+    Computed by ``cpu_linear.linear`` (oneDNN for fp32 on the CPU, else ``F.linear``), except when decoding 2 to
+    ``SKINNY_ROWS`` rows (fp32 CPU rows without autograd, a weight of at least ``SKINNY_MIN_WEIGHT`` elements): then
+    as ``(W @ x_rowsᵀ + b)ᵀ``. MKL streams W once for that product, while ``x Wᵀ`` packs a copy of W first.
+    1024 × 1024, 4 rows, two threads, best of many: 0.11 ms (oneDNN 0.16 ms, ``F.linear`` 0.87 ms or more); from 5
+    rows on it loses to oneDNN. One row goes to oneDNN: MKL's GEMV (``F.linear``, ``mv``, ``W @ xᵀ`` alike) runs on
+    one thread, 0.21 ms with W coming from memory against oneDNN's 0.14 ms on two (idle machine, 1024 × 1024).
+    Like every two-threaded product, these slow down when another process holds one of the cores.
 
     The same dot products summed in another order: within fp32 rounding of ``F.linear``. With autograd the extra
     transposes cost more in bookkeeping than they save.
@@ -200,8 +198,6 @@ def base_output(x_rows, weight, bias, fan_in_fan_out):
         and not torch.is_grad_enabled()
         and weight.numel() >= SKINNY_MIN_WEIGHT
     )
-    if decoding and rows == 1:
-        return F.linear(x_rows, weight, bias)
     if decoding and 1 < rows <= SKINNY_ROWS:
         product = (
             torch.mm(weight, x_rows.T) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x_rows.T)
