@@ -168,9 +168,13 @@ class _BnbLoraLinear(LoraLinear):
             and result.is_contiguous()
             and isinstance(scaling, float)
         ):
-            x_lora_A = torch.nn.functional.linear(x.to(lora_A.dtype), lora_A)
+            x_lora_A = torch.nn.functional.linear(
+                x if x.dtype == lora_A.dtype else x.to(lora_A.dtype), lora_A
+            )
+            if result.dim() == 2:  # decoding's [rows, out]: no views to make (each is a dispatch)
+                return result.addmm_(x_lora_A, lora_B.T, alpha=scaling)
             rows = result.view(-1, result.shape[-1])
-            rows.addmm_(x_lora_A.reshape(-1, lora_A.shape[0]), lora_B.T, alpha=scaling)
+            rows.addmm_(x_lora_A.view(-1, lora_A.shape[0]), lora_B.T, alpha=scaling)
             return result
         delta = lora_linear(x, None, None, lora_A, lora_B, self.scaling[name], dropout_p)
         # peft's exact test: it reads CUDA autocast only, so CPU autocast still casts.

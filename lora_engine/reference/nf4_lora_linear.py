@@ -8,9 +8,12 @@ read (the reference has its own tables).
 
 Why not the dense reference (``reference.lora_linear``) on the decoded weight: that math scales and adds
 ``[N, out]`` and ``[N, in]`` tensors (``dy · s``, ``base + delta``, ``dx_base + dx_lora``). Here every full-size
-sum is the ``beta = 1`` of a GEMM (``addmm_`` into the base product) and ``s`` and ``1 / (1 - p)`` are applied to
-``[N, r]`` or ``[out, r]`` products only, so a training step reads and writes no full-size tensor beyond its two
-weight GEMMs' operands and results. Same sums, other rounding order: within fp32 tolerance of the dense math.
+sum is taken inside a GEMM (``addmm_`` into the base product; the low-rank ``dx`` added by the base ``dx``
+GEMM's own epilogue) and ``s`` and ``1 / (1 - p)`` are applied to ``[N, r]`` or ``[out, r]`` products only, so a
+training step reads and writes no full-size tensor beyond its two weight GEMMs' operands and results. The two
+weight GEMMs are ``cpu_linear``'s (oneDNN for fp32 on the CPU: 0.66x peft's time for a 128-row 512 × 512 layer's
+forward + backward, against 0.94x with MKL). Same sums, other rounding order: within fp32 tolerance of the dense
+math.
 The dropout mask is the dense reference's (``keep_mask``/``pack_keep``), drawn in forward and saved bit-packed.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora_engine.reference import cpu_linear
 from lora_engine.reference import lora_linear as dense
 from lora_engine.reference.nf4_dequantize import nf4_dequantize
 
@@ -56,7 +60,7 @@ def forward(x, weight4, bias, lora_A, lora_B, scaling, dropout_p, seed):
         del keep
     else:
         x_lora_A = F.linear(x_lora, lora_A)
-    out = F.linear(x_rows, decoded_weight(weight4, x.dtype), bias)
+    out = cpu_linear.linear(x_rows, decoded_weight(weight4, x.dtype), bias)
     _add_product_(out, x_lora_A, lora_B.T, scaling)
     return out.view(*x.shape[:-1], out.shape[-1]), x_lora_A.view(-1, rank), bits
 
@@ -82,12 +86,10 @@ def backward(grad_out, x, weight4, lora_A, lora_B, xa, keep_bits, scaling, dropo
         x_lora = x.reshape(-1, in_features).to(lora_A.dtype)
         grad_A = grad_xa.T @ (x_lora if keep is None else x_lora * keep)
     if need_x:
-        grad_x = grad_rows.to(x.dtype) @ decoded_weight(weight4, x.dtype)
-        if keep is None:
-            _add_product_(grad_x, grad_xa, lora_A, 1.0)
-        else:
-            grad_x_lora = grad_xa @ lora_A
+        grad_x_lora = grad_xa @ lora_A  # [N, in], in the adapters' dtype
+        if keep is not None:
             grad_x_lora *= keep
-            grad_x += grad_x_lora
+        weight = decoded_weight(weight4, x.dtype)
+        grad_x = cpu_linear.plus_input_grad(grad_x_lora, grad_rows.to(x.dtype), weight).to(x.dtype)
         grad_x = grad_x.view(x.shape)
     return grad_x, grad_A, grad_B
