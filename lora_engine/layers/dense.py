@@ -56,7 +56,9 @@ class LoraLinear(LoraLayer):
             nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # Read on every forward: the ModuleDicts' own dicts, not their Python-level __getattr__ / __getitem__.
+        lora_A, lora_B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        return lora_A[adapter_name].weight, lora_B[adapter_name].weight
 
     def _weight_derived_init(self, adapter_name: str, r: int, init: str) -> None:
         """PiSSA, OLoRA or orthogonal factors (``layers.inits``); PiSSA and OLoRA replace the base weight by the
