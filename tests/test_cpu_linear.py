@@ -64,10 +64,3 @@ def test_other_dtypes_go_through_f_linear_unchanged(dtype):
 
 def test_no_rows_give_an_empty_output():
     assert cpu_linear.linear(torch.empty(0, 16), _randn(12, 16), None).shape == (0, 12)
-
-
-@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float64])
-def test_plus_input_grad_adds_grad_rows_times_the_weight(grad_dtype):
-    grad_x, grad_rows, weight = _randn(8, 16).to(grad_dtype), _randn(8, 12, seed=1), _randn(12, 16, seed=2)
-    want = grad_x + (grad_rows @ weight).to(grad_dtype)
-    torch.testing.assert_close(cpu_linear.plus_input_grad(grad_x.clone(), grad_rows, weight), want)

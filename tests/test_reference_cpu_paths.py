@@ -14,7 +14,7 @@ from torch import nn
 
 import lora_engine
 from lora_engine.ops.lora_linear import lora_linear
-from lora_engine.reference.lora_linear import SKINNY_MIN_WEIGHT, SKINNY_ROWS, base_output
+from lora_engine.reference.lora_linear import SKINNY_MIN_WEIGHT, SKINNY_ROWS, base_output, input_grad
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -159,3 +159,27 @@ def test_the_input_and_the_base_weight_are_not_mutated():
     lora_linear(x, weight, bias, torch.randn(4, 16), torch.randn(12, 4), 2.0).sum().backward()
     for tensor, copy in zip((x, weight, bias), before, strict=True):
         assert torch.equal(tensor.detach(), copy)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, None])
+def test_the_input_gradient_is_the_base_term_plus_the_masked_low_rank_one_rounded_once(
+    with_mask, weight_dtype
+):
+    """Backward's ``dx = dy W + (dxa A) · keep`` in the weight's dtype (``None``: no base weight, the low-rank
+    term alone in the adapters' fp32); a bf16 base term gets the fp32 low-rank term rounded in once."""
+    generator = torch.Generator().manual_seed(0)
+    grad_rows = torch.randn(9, 24, generator=generator)
+    weight = torch.randn(24, 40, generator=generator)
+    grad_xa, lora_A = torch.randn(9, 4, generator=generator), torch.randn(4, 40, generator=generator)
+    keep = (torch.rand(9, 40, generator=generator) > 0.3).to(torch.uint8) if with_mask else None
+    low_rank = grad_xa @ lora_A * (keep if with_mask else 1)
+    if weight_dtype is None:
+        got, want = input_grad(grad_rows, None, grad_xa, lora_A, keep), low_rank
+    else:
+        grad_rows, weight = grad_rows.to(weight_dtype), weight.to(weight_dtype)
+        got = input_grad(grad_rows, weight, grad_xa, lora_A, keep)
+        want = ((grad_rows @ weight).float() + low_rank).to(weight_dtype)
+    assert got.dtype == want.dtype
+    exact = weight_dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)

@@ -68,14 +68,3 @@ def linear(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not x_rows.requires_grad:
         return _onednn_linear(x_rows, weight, bias)
     return _FrozenLinear.apply(x_rows, weight, bias)
-
-
-def plus_input_grad(grad_x: torch.Tensor, grad_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``grad_x [N, in] + grad_rows [N, out] @ weight [out, in]``: the input gradient of ``linear`` added to
-    another in one accumulating GEMM where the dtypes allow. May write into ``grad_x`` (callers use only the
-    result). For backward math: not differentiable."""
-    if _onednn_computes(grad_rows, weight) and grad_x.dtype == torch.float32:
-        return _ONEDNN_LINEAR.binary(grad_rows, grad_x, weight.T, None, "add")
-    if grad_x.dtype == weight.dtype:
-        return grad_x.addmm_(grad_rows, weight)
-    return grad_x + grad_rows @ weight

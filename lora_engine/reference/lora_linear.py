@@ -284,11 +284,33 @@ def backward(
         x_lora = x.reshape(-1, in_features).to(lora_A.dtype)
         grad_A = grad_x_lora_A.T @ (x_lora if keep is None else x_lora * keep)
     if need_x:
-        grad_x = grad_x_lora_A @ lora_A  # [N, in]
-        if keep is not None:
-            grad_x *= keep
-        if weight is not None:
-            base_weight = weight.T if fan_in_fan_out else weight
-            grad_x = cpu_linear.plus_input_grad(grad_x, grad_flat.to(weight.dtype), base_weight)
+        base_weight = None if weight is None else weight.T if fan_in_fan_out else weight
+        grad_x = input_grad(grad_flat, base_weight, grad_x_lora_A, lora_A, keep)
         grad_x = grad_x.reshape(x.shape).to(x.dtype)
     return grad_x, grad_A, grad_B
+
+
+def input_grad(grad_rows, weight, grad_x_lora_A, lora_A, keep):
+    """``dx = dy W + (dxa A) · keep`` → ``[N, in]``: ``grad_rows [N, out]`` times the base ``weight [out, in]``
+    (None: no base term) on ``cpu_linear`` (oneDNN for fp32 on the CPU), plus ``grad_x_lora_A [N, r] lora_A``
+    (the adapters' dtype) times ``keep`` (the ``[N, in]`` uint8 0/1 factor, or None); in the weight's dtype,
+    each low-rank term rounded once into it.
+
+    One ``[N, in]`` tensor is held at a time beside the result. Without a mask the low-rank term is added into the
+    base term inside one ``addmm_``. With one it is formed and masked first: multiplying by the uint8 factor makes
+    an fp32 copy of it (the size of dx), which then never sits beside the base term too (4.7 MiB of peak for a
+    1024 × 512 layer against 6.4 MiB the other way round).
+    """
+    low_rank = None
+    if keep is not None or weight is None:
+        low_rank = grad_x_lora_A @ lora_A
+        if keep is not None:
+            low_rank *= keep
+    if weight is None:
+        return low_rank
+    grad_x = cpu_linear.linear(grad_rows.to(weight.dtype), weight.T, None)  # dy W
+    if low_rank is not None:
+        return grad_x.add_(low_rank)
+    if grad_x.dtype == grad_x_lora_A.dtype == lora_A.dtype:
+        return grad_x.addmm_(grad_x_lora_A, lora_A)
+    return grad_x.add_(grad_x_lora_A @ lora_A)

@@ -8,8 +8,8 @@ read (the reference has its own tables).
 
 Why not the dense reference (``reference.lora_linear``) on the decoded weight: that math scales and adds
 ``[N, out]`` and ``[N, in]`` tensors (``dy · s``, ``base + delta``, ``dx_base + dx_lora``). Here every full-size
-sum is taken inside a GEMM (``addmm_`` into the base product; the low-rank ``dx`` added by the base ``dx``
-GEMM's own epilogue) and ``s`` and ``1 / (1 - p)`` are applied to ``[N, r]`` or ``[out, r]`` products only, so a
+sum is the ``beta = 1`` of a GEMM (``addmm_`` into the base product; ``dx`` as the dense reference's
+``input_grad`` forms it) and ``s`` and ``1 / (1 - p)`` are applied to ``[N, r]`` or ``[out, r]`` products only, so a
 training step reads and writes no full-size tensor beyond its two weight GEMMs' operands and results. The two
 weight GEMMs are ``cpu_linear``'s (oneDNN for fp32 on the CPU: 0.66x peft's time for a 128-row 512 × 512 layer's
 forward + backward, against 0.94x with MKL). Same sums, other rounding order: within fp32 tolerance of the dense
@@ -86,10 +86,6 @@ def backward(grad_out, x, weight4, lora_A, lora_B, xa, keep_bits, scaling, dropo
         x_lora = x.reshape(-1, in_features).to(lora_A.dtype)
         grad_A = grad_xa.T @ (x_lora if keep is None else x_lora * keep)
     if need_x:
-        grad_x_lora = grad_xa @ lora_A  # [N, in], in the adapters' dtype
-        if keep is not None:
-            grad_x_lora *= keep
         weight = decoded_weight(weight4, x.dtype)
-        grad_x = cpu_linear.plus_input_grad(grad_x_lora, grad_rows.to(x.dtype), weight).to(x.dtype)
-        grad_x = grad_x.view(x.shape)
+        grad_x = dense.input_grad(grad_rows, weight, grad_xa, lora_A, keep).view(x.shape)
     return grad_x, grad_A, grad_B
