@@ -431,6 +431,21 @@ def test_set_adapter_makes_only_that_adapter_trainable_like_peft(llama_factory):
     assert trainable_names(ours) == trainable_names(theirs)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_switching_back_and_forth_keeps_every_container_kind_trainable_like_peft(llama_factory, use_dora):
+    """Embedding factors are bare parameters of a ParameterDict, DoRA's magnitude a module of its own: a switch
+    freezes and unfreezes each kind, over several switches (it touches only the adapters it changes)."""
+    config = {"target_modules": ["embed_tokens", "q_proj", "v_proj"], "use_dora": use_dora}
+    theirs, ours = build_pair(llama_factory, **config)
+    for name in ("b", "c"):
+        add_adapter_to_pair(theirs, ours, name, r=4, **config)
+    for name in ("c", "default", "b", "b", "default"):
+        theirs.set_adapter(name)
+        ours.set_adapter(name)
+        assert trainable_names(ours) == trainable_names(theirs)
+        assert any(f".{name}." in param or param.endswith(f".{name}") for param in trainable_names(ours))
+
+
 def test_several_active_adapters_sum_outputs_like_peft(llama_factory, input_ids):
     theirs, ours = build_pair(llama_factory, **QV)
     add_adapter_to_pair(theirs, ours, "other", target_modules=["k_proj", "v_proj"], r=4)
