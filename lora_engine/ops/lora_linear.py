@@ -200,6 +200,14 @@ def no_tensor(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0, dtype=torch.uint8)
 
 
+def fake_keep_bits(x: torch.Tensor, n_rows: int, in_features: int, dropout_p: float) -> torch.Tensor:
+    """A forward op's fake packed keep-mask: ``[n_rows, ceil(in_features / 8)]`` uint8 under dropout, else
+    ``no_tensor``."""
+    if dropout_p > 0.0:
+        return x.new_empty((n_rows, -(-in_features // 8)), dtype=torch.uint8)
+    return no_tensor(x)
+
+
 def scaling_for(backend_name: str, scaling: torch.Tensor) -> float | torch.Tensor:
     """The custom ops' 0-d ``scaling`` as the backend's math takes it: the reference multiplies by the tensor (the
     same fp32 products as by the float), a kernel gets its value (read on the host, outside any graph)."""
@@ -245,9 +253,7 @@ def _forward_fake(backend_name, x, weight, bias, lora_A, lora_B, scaling, dropou
     # The reference keeps x's leading dims on the [..., r] product; the kernels flatten them.
     xa_shape = (*x.shape[:-1], rank) if backend_name == "reference" else (n_rows, rank)
     xa = x.new_empty(xa_shape, dtype=lora_A.dtype)
-    if dropout_p > 0.0:
-        return out, xa, x.new_empty((n_rows, -(-in_features // 8)), dtype=torch.uint8)
-    return out, xa, no_tensor(x)
+    return out, xa, fake_keep_bits(x, n_rows, in_features, dropout_p)
 
 
 @torch.library.custom_op("lora_engine::lora_linear_backward", mutates_args=())

@@ -49,7 +49,14 @@ import torch
 from lora_engine import backend
 from lora_engine.ops import nf4_dequantize as dequantize_op
 from lora_engine.ops._checks import check_dims, check_same_device
-from lora_engine.ops.lora_linear import REFERENCE_DTYPES, TRITON_DTYPES, draw_seed, no_tensor, scaling_for
+from lora_engine.ops.lora_linear import (
+    REFERENCE_DTYPES,
+    TRITON_DTYPES,
+    draw_seed,
+    fake_keep_bits,
+    no_tensor,
+    scaling_for,
+)
 from lora_engine.reference import nf4_lora_linear as reference
 
 __all__ = ["Nf4LoraLinearFunction", "Packed4bit", "check_operands", "nf4_lora_linear"]
@@ -251,9 +258,7 @@ def _forward_fake(
     n_rows = x.numel() // in_features if in_features else 0
     out = x.new_empty((*x.shape[:-1], shape[0]))
     xa = x.new_empty((n_rows, rank), dtype=lora_A.dtype)  # both backends flatten x's leading dims
-    if dropout_p > 0.0:
-        return out, xa, x.new_empty((n_rows, -(-in_features // 8)), dtype=torch.uint8)
-    return out, xa, no_tensor(x)
+    return out, xa, fake_keep_bits(x, n_rows, in_features, dropout_p)
 
 
 @torch.library.custom_op("lora_engine::nf4_lora_linear_backward", mutates_args=())
